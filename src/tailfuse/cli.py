@@ -1,0 +1,150 @@
+"""The `tailfuse` command: one sub-command per stage, plus `info` and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import load_yaml, resolve
+from .errors import TailfuseError
+
+DEFAULT_RUN = "tailfuse-run"
+
+
+def _csv_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--data", help="CSV manifest (path + one 0/1 column per label [+ split]) or a folder with one sub-folder per class")
+    g.add_argument("--path-column", help="manifest column holding image paths (default: path)")
+    g.add_argument("--labels", type=_csv_list, help="comma-separated label columns (default: every column holding only 0/1)")
+    g.add_argument("--metadata-columns", type=_csv_list, help="comma-separated columns never taken as labels")
+    g.add_argument("--group-column", help="column keeping a group in one split when tailfuse splits (default: patient_id if present)")
+    g.add_argument("--tail-labels", type=_csv_list, help="comma-separated tail labels (default: automatic, see --head-share)")
+    g.add_argument("--head-share", type=float, help="automatic head/tail rule: the head is the smallest set of most frequent labels holding this share of train positives (default 0.75)")
+    g.add_argument("--image-size", type=int, help="square size images are brought to (default 128; a multiple of the VAE's factor, 8)")
+    g.add_argument("--resize", choices=["center-crop", "pad", "stretch"], help="resize policy (default center-crop)")
+    g.add_argument("--seed", type=int, help="seed of the split tailfuse makes when the manifest has none (default 0)")
+    g.add_argument("--drop-empty-labels", action="store_true", default=None, help="drop label columns with no positive instead of failing")
+    g.add_argument("--strict", action="store_true", default=None, help="unreadable images are fatal instead of skipped and reported")
+
+
+def _add_vae_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("VAE")
+    g.add_argument("--vae", help="diffusers AutoencoderKL / AutoencoderTiny folder, Stable Diffusion folder, or hub id (default: $TAILFUSE_VAE)")
+    g.add_argument("--device", help="cpu (default), cuda, cuda:N, mps")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="VAE dtype (default float32)")
+
+
+def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
+    p.add_argument("--run", required=run_required, help="run folder (created if needed)")
+    p.add_argument("--config", help="YAML file with sections data, vae, encode, ... (flags override it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tailfuse",
+        description="Synthetic training images for the rare classes of long-tailed image datasets, made in the "
+        "latent space of a pretrained diffusion VAE by iterated learning of sparse codes and saliency-guided fusion.",
+    )
+    ap.add_argument("--version", action="version", version=f"tailfuse {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="command")
+
+    p = sub.add_parser("encode", help="images -> VAE latents in the run folder (resumable)")
+    _common(p)
+    _add_data_args(p)
+    _add_vae_args(p)
+    g = p.add_argument_group("encode")
+    g.add_argument("--batch-size", type=int, help="images per VAE batch (default 32)")
+    g.add_argument("--shard-size", type=int, help="latents per shard file (default 512)")
+    g.add_argument("--force", action="store_true", help="discard an earlier encode in this run folder and redo it")
+
+    p = sub.add_parser("info", help="what a run folder holds")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in ELPV solar-cell dataset (PyPI elpv-dataset)")
+    p.add_argument("--run", default="tailfuse-demo", help="run folder (default ./tailfuse-demo)")
+    p.add_argument("--vae", help="VAE folder or hub id (default: $TAILFUSE_VAE, else madebyollin/taesd from the hub)")
+    p.add_argument("--device", help="cpu (default), cuda, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def _values(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from .encode import run_encode
+
+    doc = load_yaml(args.config) if args.config else None
+    vals = _values(args)
+    data = resolve("data", doc, vals)
+    vae = resolve("vae", doc, vals)
+    enc = resolve("encode", doc, vals)
+    run_encode(data, vae, enc, args.run, force=bool(args.force), progress=not args.quiet)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_info, run_info
+
+    info = run_info(args.run)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .codec import HUB_DEFAULT, VAE_ENV
+    from .config import DataConfig, EncodeConfig, VAEConfig
+    from .demo import DEMO_TAIL, elpv_manifest
+    from .encode import run_encode
+    from .info import format_info, run_info
+
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = elpv_manifest(run / "demo-data" / "manifest.csv")
+    vae_name = args.vae or os.environ.get(VAE_ENV) or HUB_DEFAULT
+    data = DataConfig(data=str(manifest), tail_labels=list(DEMO_TAIL), metadata_columns=["cell_type"])
+    run_encode(data, VAEConfig(vae=vae_name, device=args.device or "cpu"), EncodeConfig(), str(run), progress=not args.quiet)
+    print()
+    print(format_info(run_info(str(run))))
+    return 0
+
+
+def _sigterm(signum, frame):  # a kill is handled like Ctrl-C: finished shards are already on disk
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    signal.signal(signal.SIGTERM, _sigterm)
+    handlers = {"encode": cmd_encode, "info": cmd_info, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except TailfuseError as e:
+        print(f"tailfuse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` etc.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(
+            f"\ntailfuse {args.command}: interrupted. Finished work is kept in the run folder; rerun the same command "
+            "to resume.",
+            file=sys.stderr,
+        )
+        return 130

@@ -1,0 +1,114 @@
+"""Dataclass configs, one per concern; YAML in, resolved ``run.yaml`` out.
+
+Precedence: built-in defaults < the YAML file given with ``--config`` < command-line flags.
+The resolved configuration of every stage that ran is written to ``<run>/run.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TailfuseError
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels come from and how images are brought to a common size."""
+
+    data: str | None = None  # a CSV manifest or a folder with one sub-folder per class
+    path_column: str = "path"
+    labels: list[str] | None = None  # label columns; None = every column holding only 0/1 values
+    metadata_columns: list[str] = field(default_factory=list)  # columns never taken as labels
+    group_column: str | None = None  # keeps a group (a patient) in one split; None = `patient_id` if present
+    tail_labels: list[str] | None = None  # None = automatic (see head_share)
+    head_share: float = 0.75  # automatic rule: head = most frequent labels covering this share of train positives
+    image_size: int = 128
+    resize: str = "center-crop"  # center-crop | pad | stretch
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test, when no split
+    val_fraction: float = 0.1  # share of train carved into val when the manifest has no val split
+    seed: int = 0
+    drop_empty_labels: bool = False  # drop label columns with no positive sample instead of failing
+    strict: bool = False  # unreadable images are fatal instead of skipped
+
+
+@dataclass
+class VAEConfig:
+    """The pretrained VAE of the latent diffusion model."""
+
+    vae: str | None = None  # local folder (VAE or Stable Diffusion folder) or hub id; default $TAILFUSE_VAE
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+
+
+@dataclass
+class EncodeConfig:
+    batch_size: int = 32
+    shard_size: int = 512  # latents per shard file; a killed run redoes at most one shard
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "vae": VAEConfig, "encode": EncodeConfig}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Later stages add their own config section (train, fuse, ...)."""
+    SECTIONS[name] = cls
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def update(obj: Any, values: dict, where: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` applied; unknown keys are errors."""
+    known = {f.name: f for f in fields(obj)}
+    clean = {}
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        if k not in known:
+            raise TailfuseError(
+                f"{where}: unknown setting '{key}'. Known settings: {', '.join(sorted(known))}."
+            )
+        clean[k] = value
+    return dataclasses.replace(obj, **clean)
+
+
+def load_yaml(path: str | Path) -> dict[str, dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise TailfuseError(f"config file {p} not found.")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TailfuseError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise TailfuseError(f"config file {p} must hold a mapping of sections ({', '.join(SECTIONS)}).")
+    for name, body in doc.items():
+        if name not in SECTIONS:
+            raise TailfuseError(f"config file {p}: unknown section '{name}'. Known: {', '.join(SECTIONS)}.")
+        if body is not None and not isinstance(body, dict):
+            raise TailfuseError(f"config file {p}: section '{name}' must be a mapping.")
+    return {k: (v or {}) for k, v in doc.items()}
+
+
+def resolve(section: str, yaml_doc: dict[str, dict] | None, cli_values: dict[str, Any]) -> Any:
+    """Defaults < YAML section < CLI values that were actually given (not None)."""
+    cfg = SECTIONS[section]()
+    if yaml_doc and section in yaml_doc:
+        cfg = update(cfg, yaml_doc[section], f"config section '{section}'")
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    known = {f.name for f in fields(cfg)}
+    cfg = update(cfg, {k: v for k, v in given.items() if k in known}, "command line")
+    return cfg
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 of a JSON-serialisable object, independent of key order."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,282 @@
+"""Stage 1, encode: images -> VAE latents, in shards, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .codec import VAECodec
+from .config import DataConfig, EncodeConfig, VAEConfig, stable_hash
+from .data import Dataset, histogram, load_dataset, partition
+from .errors import TailfuseError
+from .images import RESIZE_POLICIES, BadImage, load_image
+from .store import RunStore, ShardSet, now, save_tensors_atomic, write_csv_atomic, write_json_atomic
+
+STAGE = "encode"
+SKIP_COLUMNS = ["sample_id", "line", "path", "reason"]
+
+
+def _file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inputs_hash(ds: Dataset) -> str:
+    """Hash of what encode reads: the table (ids, paths, splits, labels) and each file's size and mtime."""
+    t = ds.table
+    stats = []
+    for p in t["abs_path"]:
+        try:
+            st = os.stat(p)
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    cols = ["sample_id", "abs_path", "split", *ds.labels]
+    return stable_hash({"table": t[cols].astype(str).to_numpy().tolist(), "stats": stats})
+
+
+def _prescan(ds: Dataset, strict: bool) -> None:
+    """Cheap checks before any encoding: missing and zero-byte files."""
+    missing, empty = [], []
+    for line, p in zip(ds.table["line"], ds.table["abs_path"]):
+        if not os.path.exists(p):
+            missing.append((line, p))
+        elif os.path.isfile(p) and os.path.getsize(p) == 0:
+            empty.append((line, p))
+    n = len(ds.table)
+    where = "line" if ds.source == "csv" else "file #"
+    if missing and len(missing) == n:
+        base = os.path.dirname(ds.source_path) if ds.source == "csv" else ds.source_path
+        raise TailfuseError(
+            f"none of the {n} image paths exist (first: {missing[0][1]}). Relative paths are resolved against "
+            f"{base}; check the path column or move the CSV next to the images."
+        )
+    bad = [(ln, p, "file not found") for ln, p in missing] + [(ln, p, "zero-byte file") for ln, p in empty]
+    if bad and strict:
+        shown = "; ".join(f"{where} {ln}: {p} ({r})" for ln, p, r in bad[:5])
+        raise TailfuseError(
+            f"{len(bad)} image(s) cannot be read ({shown}{' ...' if len(bad) > 5 else ''}). "
+            "Fix or remove those rows, or drop --strict to skip them (they are then listed in skipped.csv)."
+        )
+
+
+def _wipe(store: RunStore) -> None:
+    for p in (store.samples_csv, store.labels_json, store.skipped_csv, store.stage_path(STAGE)):
+        if p.exists():
+            p.unlink()
+    shutil.rmtree(store.root / "latents", ignore_errors=True)
+
+
+def run_encode(
+    data_cfg: DataConfig,
+    vae_cfg: VAEConfig,
+    enc_cfg: EncodeConfig,
+    run: str,
+    force: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Encode the dataset into ``run``; returns the stage record. Resumes an interrupted encode."""
+    if data_cfg.resize not in RESIZE_POLICIES:
+        raise TailfuseError(f"resize policy '{data_cfg.resize}' unknown; choose from {', '.join(RESIZE_POLICIES)}.")
+    if enc_cfg.batch_size < 1 or enc_cfg.shard_size < 1:
+        raise TailfuseError("batch size and shard size must be at least 1.")
+    ds = load_dataset(data_cfg)
+    head, tail = partition(ds, data_cfg)
+    store = RunStore(run)
+    store.create([ds.source_path])
+    for note in ds.notes:
+        log(f"note: {note}")
+    kind = "multi-label" if ds.multi_label else "multi-class"
+    log(f"{len(ds.table)} images, {len(ds.labels)} labels ({kind}), from {ds.source_path}")
+    log(histogram(ds.counts(), tail))
+    log(f"head: {', '.join(head)}\ntail: {', '.join(tail)}")
+    _prescan(ds, data_cfg.strict)
+
+    codec = VAECodec.load(vae_cfg.vae, vae_cfg.device, vae_cfg.dtype)
+    if data_cfg.image_size % codec.downsample or data_cfg.image_size < codec.downsample:
+        raise TailfuseError(
+            f"image size {data_cfg.image_size} must be a multiple of the VAE's downsampling factor {codec.downsample}."
+        )
+    config_hash = stable_hash(
+        {
+            "image_size": data_cfg.image_size,
+            "resize": data_cfg.resize,
+            "vae": codec.fingerprint(),
+            "batch_size": enc_cfg.batch_size,
+            "shard_size": enc_cfg.shard_size,
+        }
+    )
+    inputs_hash = _inputs_hash(ds)
+    rec = store.stage(STAGE)
+    if rec is not None:
+        same = rec.get("config_hash") == config_hash and rec.get("inputs_hash") == inputs_hash
+        if force:
+            log("--force: discarding the earlier encode of this run folder")
+            _wipe(store)
+            rec = None
+        elif not same:
+            what = "settings (image size, resize, VAE, batch or shard size)" if rec.get("config_hash") != config_hash else "input data"
+            raise TailfuseError(
+                f"run folder {store.root} holds an encode made with other {what}. Use a new --run folder, "
+                "or pass --force to discard it and encode again."
+            )
+        elif rec.get("status") == "done":
+            log(f"encode already done in {store.root} ({rec['n_encoded']} latents); skipping (use --force to redo).")
+            return rec
+    n = len(ds.table)
+    n_shards = (n + enc_cfg.shard_size - 1) // enc_cfg.shard_size
+    if rec is None:
+        rec = {
+            "stage": STAGE,
+            "status": "running",
+            "config_hash": config_hash,
+            "inputs_hash": inputs_hash,
+            "vae": codec.identity(),
+            "n_samples": n,
+            "n_shards": n_shards,
+            "shard_size": enc_cfg.shard_size,
+            "shards": {},
+            "started_at": now(),
+            "seconds": 0.0,
+        }
+    store.write_config("data", asdict(data_cfg))
+    store.write_config("vae", {**asdict(vae_cfg), "vae": codec.name})
+    store.write_config("encode", asdict(enc_cfg))
+
+    done_ok = {}
+    for k, sh in rec["shards"].items():
+        f = sh.get("file")
+        if f is None or ((store.root / f).is_file() and _file_digest(store.root / f) == sh["sha256"]):
+            done_ok[k] = sh
+    rec["shards"] = done_ok
+    rec["status"] = "running"
+    store.write_stage(STAGE, rec)
+    n_done = sum(sh["n_rows"] for sh in done_ok.values())
+    if n_done:
+        log(f"resuming: {len(done_ok)} of {n_shards} shards already encoded")
+
+    t0 = time.time()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    bar = tqdm(total=n, initial=n_done, desc="encode", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        for si in range(n_shards):
+            key = str(si)
+            if key in done_ok:
+                continue
+            rows = ds.table.iloc[si * enc_cfg.shard_size : (si + 1) * enc_cfg.shard_size]
+            ids, lats, skipped = [], [], []
+            for b in range(0, len(rows), enc_cfg.batch_size):
+                batch = rows.iloc[b : b + enc_cfg.batch_size]
+
+                def load(p):
+                    try:
+                        return load_image(p, data_cfg.image_size, data_cfg.resize)
+                    except BadImage as e:
+                        return e
+
+                imgs = list(pool.map(load, batch["abs_path"]))
+                good = []
+                for (_, r), im in zip(batch.iterrows(), imgs):
+                    if isinstance(im, BadImage):
+                        if data_cfg.strict:
+                            raise TailfuseError(
+                                f"line {r['line']}: {r['path']}: {im.reason}. Fix or remove the row, or drop --strict "
+                                "to skip unreadable images (finished shards are kept)."
+                            )
+                        skipped.append({"sample_id": int(r["sample_id"]), "line": int(r["line"]), "path": r["path"], "reason": im.reason})
+                    else:
+                        good.append((int(r["sample_id"]), im))
+                if good:
+                    z = codec.encode(torch.stack([im for _, im in good]))
+                    ids.extend(i for i, _ in good)
+                    lats.append(z)
+                bar.update(len(batch))
+            entry = {"n_rows": len(rows), "n": len(ids), "skipped": skipped, "file": None, "sha256": None}
+            if ids:
+                fname = f"latents/{si:05d}.safetensors"
+                path = store.root / fname
+                save_tensors_atomic(
+                    path,
+                    {"latents": torch.cat(lats).float(), "sample_id": torch.tensor(ids, dtype=torch.int64)},
+                    metadata={"stage": STAGE, "config_hash": config_hash},
+                )
+                entry.update(file=fname, sha256=_file_digest(path))
+            rec["shards"][key] = entry
+            rec["seconds"] = round(float(rec.get("seconds", 0.0)) + (time.time() - t0), 2)
+            t0 = time.time()
+            store.write_stage(STAGE, rec)
+            _write_skipped(store, rec)
+    finally:
+        bar.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    # finish: samples table, labels, skipped report
+    skipped_ids = {s["sample_id"] for sh in rec["shards"].values() for s in sh["skipped"]}
+    shard_of, offset_of = {}, {}
+    files = []
+    for k in sorted(rec["shards"], key=int):
+        sh = rec["shards"][k]
+        if sh["file"] is None:
+            continue
+        files.append(sh["file"])
+    shards = ShardSet(store.root, files)
+    for sid, (si, off) in shards.index.items():
+        shard_of[sid] = si
+        offset_of[sid] = off
+    table = ds.table[~ds.table["sample_id"].isin(skipped_ids)].copy()
+    if table.empty:
+        raise TailfuseError("no image could be read; see skipped.csv in the run folder for the reasons.")
+    table["shard"] = table["sample_id"].map(shard_of).astype(np.int64)
+    table["offset"] = table["sample_id"].map(offset_of).astype(np.int64)
+    write_csv_atomic(store.samples_csv, table)
+    kept = Dataset(table, ds.labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+    counts = kept.counts()
+    write_json_atomic(
+        store.labels_json,
+        {
+            "labels": ds.labels,
+            "head_labels": head,
+            "tail_labels": tail,
+            "tail_rule": "given" if data_cfg.tail_labels else f"auto: head covers >= {data_cfg.head_share} of train positives",
+            "multi_label": ds.multi_label,
+            "counts": {lab: {k: int(v) for k, v in counts.loc[lab].items()} for lab in ds.labels},
+            "source": ds.source,
+            "source_path": ds.source_path,
+            "path_column": ds.path_column,
+            "metadata_columns": ds.metadata_columns,
+            "image_size": data_cfg.image_size,
+            "latent_shape": list(shards.shape),
+        },
+    )
+    rec.update(
+        status="done",
+        finished_at=now(),
+        n_encoded=len(table),
+        n_skipped=len(skipped_ids),
+        latent_shape=list(shards.shape),
+    )
+    store.write_stage(STAGE, rec)
+    log(f"encoded {len(table)} images to {store.root} (latents {tuple(shards.shape)}), {rec['seconds']:.1f} s")
+    if skipped_ids:
+        log(f"skipped {len(skipped_ids)} unreadable image(s): listed in {store.skipped_csv}")
+    return rec
+
+
+def _write_skipped(store: RunStore, rec: dict) -> None:
+    rows = [s for k in sorted(rec["shards"], key=int) for s in rec["shards"][k]["skipped"]]
+    if rows or store.skipped_csv.exists():
+        write_csv_atomic(store.skipped_csv, pd.DataFrame(rows, columns=SKIP_COLUMNS))

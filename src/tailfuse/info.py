@@ -1,0 +1,77 @@
+"""`tailfuse info`: what a run folder holds."""
+
+from __future__ import annotations
+
+from .errors import TailfuseError
+from .store import RunStore
+
+
+def run_info(run: str) -> dict:
+    store = RunStore(run)
+    if not store.root.is_dir():
+        raise TailfuseError(f"run folder {store.root} does not exist.")
+    stages = store.stages()
+    out: dict = {"run": str(store.root.resolve()), "stages": {}}
+    for name, rec in stages.items():
+        s = {"status": rec.get("status")}
+        for k in ("n_encoded", "n_skipped", "seconds", "finished_at", "generation", "n_samples"):
+            if k in rec:
+                s[k] = rec[k]
+        out["stages"][name] = s
+    if store.labels_json.is_file():
+        lab = store.labels()
+        out.update(
+            samples=sum(1 for _ in open(store.samples_csv)) - 1 if store.samples_csv.is_file() else 0,
+            latent_shape=lab.get("latent_shape"),
+            labels=lab["labels"],
+            head_labels=lab["head_labels"],
+            tail_labels=lab["tail_labels"],
+            multi_label=lab["multi_label"],
+            label_counts=lab["counts"],
+            image_size=lab.get("image_size"),
+            source=lab.get("source_path"),
+        )
+        if store.samples_csv.is_file():
+            splits = store.samples()["split"].value_counts()
+            out["splits"] = {k: int(splits.get(k, 0)) for k in ("train", "val", "test")}
+    else:
+        enc = stages.get("encode", {})
+        done = sum(sh.get("n", 0) for sh in enc.get("shards", {}).values())
+        out.update(samples=done, latent_shape=None, labels=[], tail_labels=[], head_labels=[])
+    enc = stages.get("encode")
+    if enc:
+        out["vae"] = enc.get("vae")
+        out["skipped"] = enc.get("n_skipped", sum(len(sh.get("skipped", [])) for sh in enc.get("shards", {}).values()))
+    return out
+
+
+def format_info(info: dict) -> str:
+    lines = [f"run: {info['run']}"]
+    if info.get("source"):
+        lines.append(f"input: {info['source']}")
+    if info.get("vae"):
+        v = info["vae"]
+        lines.append(f"vae: {v.get('name')} ({v.get('class')}, scaling {v.get('scaling_factor')}, shift {v.get('shift_factor')})")
+    shape = info.get("latent_shape")
+    lines.append(f"samples: {info.get('samples', 0)}" + (f"   latent shape: {'x'.join(map(str, shape))}" if shape else ""))
+    if info.get("splits"):
+        lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    if info.get("skipped"):
+        lines.append(f"skipped (unreadable) images: {info['skipped']} (see skipped.csv)")
+    if info.get("labels"):
+        kind = "multi-label" if info.get("multi_label") else "multi-class"
+        lines.append(f"labels ({len(info['labels'])}, {kind}):")
+        w = max(len(x) for x in info["labels"])
+        lines.append(f"  {'label':<{w}}  role  {'train':>6} {'val':>5} {'test':>5}")
+        for lab in info["labels"]:
+            c = info["label_counts"][lab]
+            role = "tail" if lab in info["tail_labels"] else "head"
+            lines.append(f"  {lab:<{w}}  {role}  {c['train']:>6} {c['val']:>5} {c['test']:>5}")
+    lines.append("stages:" + ("" if info["stages"] else " none"))
+    for name, s in info["stages"].items():
+        extra = ", ".join(f"{k} {v}" for k, v in s.items() if k != "status")
+        lines.append(f"  {name}: {s['status']}" + (f" ({extra})" if extra else ""))
+    if "train" in info:
+        t = info["train"]
+        lines.append("train (last generation): " + ", ".join(f"{k} {v}" for k, v in t.items() if not isinstance(v, dict)))
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""The run folder: the contract between stages.
+
+Layout::
+
+    <run>/
+      run.yaml                 resolved configuration of every stage that ran
+      samples.csv              one row per encoded sample: sample_id, path, abs_path, split, labels, metadata,
+                               shard, offset
+      labels.json              label names, head/tail labels, multi-label flag, counts per split
+      skipped.csv              images that could not be read (path, manifest line, reason)
+      latents/00000.safetensors ...  latent shards: `latents` (n x C x h x w float32) and `sample_id` (n int64)
+      stages/<stage>.json      what each stage did: status, config and input hashes, finished shards, timings
+
+Every file is written atomically (temporary name in the same folder, then ``os.replace``), so a killed run
+leaves either the old or the new file, never half of one. Latents are read shard by shard (memory-mapped by
+safetensors), so later stages can stream any number of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import TailfuseError
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv_atomic(path: Path, df: pd.DataFrame) -> None:
+    write_text_atomic(path, df.to_csv(index=False))
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class ShardSet:
+    """Streaming, random-access reader over a folder of safetensors shards holding `latents` and `sample_id`."""
+
+    def __init__(self, folder: Path, files: list[str], cache_shards: int = 2):
+        self.folder = Path(folder)
+        self.files = list(files)
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_shards = cache_shards
+        self._ids: list[np.ndarray] = []
+        for f in self.files:
+            p = self.folder / f
+            if not p.is_file():
+                raise TailfuseError(f"run folder is missing latent shard {p}; rerun the stage that writes it.")
+            with safe_open(str(p), framework="pt") as h:
+                self._ids.append(h.get_tensor("sample_id").numpy())
+                if not hasattr(self, "shape"):
+                    self.shape = tuple(h.get_slice("latents").get_shape()[1:])
+        self.index: dict[int, tuple[int, int]] = {
+            int(sid): (si, off) for si, ids in enumerate(self._ids) for off, sid in enumerate(ids)
+        }
+
+    def __len__(self) -> int:
+        return sum(len(i) for i in self._ids)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.concatenate(self._ids) if self._ids else np.empty(0, dtype=np.int64)
+
+    def _shard(self, si: int) -> dict[str, torch.Tensor]:
+        if si in self._cache:
+            self._cache.move_to_end(si)
+            return self._cache[si]
+        with safe_open(str(self.folder / self.files[si]), framework="pt") as h:
+            data = {k: h.get_tensor(k) for k in h.keys()}
+        self._cache[si] = data
+        while len(self._cache) > self._cache_shards:
+            self._cache.popitem(last=False)
+        return data
+
+    def iter_batches(
+        self, batch_size: int = 256, ids: np.ndarray | None = None, key: str = "latents"
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (sample_ids, tensor) batches shard by shard; ``ids`` restricts (and keeps shard order)."""
+        keep = None if ids is None else set(int(i) for i in ids)
+        for si, sid in enumerate(self._ids):
+            mask = np.ones(len(sid), bool) if keep is None else np.array([int(i) in keep for i in sid], bool)
+            if not mask.any():
+                continue
+            t = self._shard(si)[key]
+            sel = np.flatnonzero(mask)
+            for a in range(0, len(sel), batch_size):
+                rows = sel[a : a + batch_size]
+                yield sid[rows], t[torch.from_numpy(rows)]
+
+    def get(self, ids: np.ndarray | list[int], key: str = "latents") -> torch.Tensor:
+        """Tensors for ``ids``, in the order given."""
+        ids = [int(i) for i in ids]
+        missing = [i for i in ids if i not in self.index]
+        if missing:
+            raise KeyError(f"sample ids not in this run: {missing[:5]}")
+        out = None
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(ids):
+            si, off = self.index[i]
+            by_shard.setdefault(si, []).append((pos, off))
+        for si, pairs in by_shard.items():
+            t = self._shard(si)[key]
+            if out is None:
+                out = torch.empty((len(ids), *t.shape[1:]), dtype=t.dtype)
+            pos = torch.tensor([p for p, _ in pairs])
+            off = torch.tensor([o for _, o in pairs])
+            out[pos] = t[off]
+        if out is None:
+            return torch.empty(0)
+        return out
+
+    def load_all(self, key: str = "latents") -> tuple[np.ndarray, torch.Tensor]:
+        """Everything at once (for small runs and tests); prefer iter_batches for large ones."""
+        parts = [self._shard(si)[key] for si in range(len(self.files))]
+        return self.ids, (torch.cat(parts) if parts else torch.empty(0))
+
+
+class RunStore:
+    """Paths and records of one run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    # --- paths
+    @property
+    def samples_csv(self) -> Path:
+        return self.root / "samples.csv"
+
+    @property
+    def labels_json(self) -> Path:
+        return self.root / "labels.json"
+
+    @property
+    def run_yaml(self) -> Path:
+        return self.root / "run.yaml"
+
+    @property
+    def skipped_csv(self) -> Path:
+        return self.root / "skipped.csv"
+
+    def stage_path(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    # --- checks
+    def create(self, input_paths: list[str] | None = None) -> None:
+        """Make the run folder; refuse one inside the input folder (the input is never written to)."""
+        root = self.root.resolve()
+        for ip in input_paths or []:
+            inp = Path(ip).resolve()
+            inp_dir = inp if inp.is_dir() else inp.parent
+            if root == inp_dir or inp_dir in root.parents:
+                raise TailfuseError(
+                    f"run folder {root} is inside the input folder {inp_dir}; tailfuse never writes into its input. "
+                    "Choose a --run outside it."
+                )
+        if root.exists() and not root.is_dir():
+            raise TailfuseError(f"run path {root} exists and is not a folder.")
+        root.mkdir(parents=True, exist_ok=True)
+
+    def require(self, *stages: str) -> None:
+        if not self.root.is_dir():
+            raise TailfuseError(f"run folder {self.root} does not exist; start with `tailfuse encode --run {self.root}`.")
+        for s in stages:
+            rec = self.stage(s)
+            if not rec or rec.get("status") != "done":
+                raise TailfuseError(f"run folder {self.root}: stage '{s}' has not finished; run `tailfuse {s}` first.")
+
+    # --- stage records
+    def stage(self, stage: str) -> dict | None:
+        p = self.stage_path(stage)
+        if not p.is_file():
+            return None
+        return json.loads(p.read_text())
+
+    def write_stage(self, stage: str, record: dict) -> None:
+        write_json_atomic(self.stage_path(stage), record)
+
+    def stages(self) -> dict[str, dict]:
+        d = self.root / "stages"
+        if not d.is_dir():
+            return {}
+        return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+
+    # --- run.yaml
+    def write_config(self, section: str, values: dict) -> None:
+        doc = {}
+        if self.run_yaml.is_file():
+            doc = yaml.safe_load(self.run_yaml.read_text()) or {}
+        doc[section] = values
+        write_text_atomic(self.run_yaml, yaml.safe_dump(doc, sort_keys=False))
+
+    def config(self) -> dict:
+        return (yaml.safe_load(self.run_yaml.read_text()) or {}) if self.run_yaml.is_file() else {}
+
+    # --- tables
+    def samples(self) -> pd.DataFrame:
+        if not self.samples_csv.is_file():
+            raise TailfuseError(f"run folder {self.root} has no samples.csv; run `tailfuse encode` first.")
+        return pd.read_csv(self.samples_csv, keep_default_na=False, dtype={"split": str, "path": str})
+
+    def labels(self) -> dict:
+        if not self.labels_json.is_file():
+            raise TailfuseError(f"run folder {self.root} has no labels.json; run `tailfuse encode` first.")
+        return json.loads(self.labels_json.read_text())
+
+    def latents(self) -> ShardSet:
+        rec = self.stage("encode")
+        if not rec or rec.get("status") != "done":
+            raise TailfuseError(f"run folder {self.root}: encode has not finished; run `tailfuse encode` first.")
+        files = [rec["shards"][k]["file"] for k in sorted(rec["shards"], key=int) if rec["shards"][k]["file"]]
+        return ShardSet(self.root, files)

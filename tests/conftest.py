@@ -1,0 +1,69 @@
+"""Shared fixtures.
+
+Real data and models come from the shared folder: ``$TAILFUSE_SHARED`` if set, else ``../shared`` beside the
+project root. Tests that need it skip with a reason when it is absent; with ``TAILFUSE_REQUIRE_SHARED=1`` (set by
+.ci/run) they fail instead, so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("TAILFUSE_SHARED", ROOT.parent / "shared")).resolve()
+
+
+def _need(path: Path, what: str) -> Path:
+    if path.exists():
+        return path
+    msg = f"{what} not found at {path} (set TAILFUSE_SHARED to the shared folder)"
+    if os.environ.get("TAILFUSE_REQUIRE_SHARED") == "1":
+        pytest.fail(msg + "; TAILFUSE_REQUIRE_SHARED=1 forbids skipping")
+    pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def taesd_path() -> Path:
+    return _need(Path(os.environ.get("TAILFUSE_VAE", shared_dir() / "models" / "taesd")), "TAESD model folder")
+
+
+@pytest.fixture(scope="session")
+def isic_dir() -> Path:
+    return _need(shared_dir() / "data" / "isic2018_lt", "ISIC2018-LT dataset")
+
+
+@pytest.fixture(scope="session")
+def covid_dir() -> Path:
+    return _need(shared_dir() / "data" / "covid_cxr", "COVID CXR dataset")
+
+
+def subset_manifest(src_dir: Path, out_csv: Path, per_label: int, splits=("train", "val", "test"), seed: int = 0) -> Path:
+    """Write a manifest with up to ``per_label`` rows per (label, split), paths absolute into the shared folder."""
+    m = pd.read_csv(src_dir / "manifest.csv")
+    meta = {"path", "split", "isic_id", "patient_id", "view", "license"}
+    labels = [c for c in m.columns if c not in meta]
+    picked = []
+    for s in splits:
+        ms = m[m["split"] == s]
+        for lab in labels:
+            rows = ms[ms[lab] == 1]
+            picked.append(rows.sample(n=min(per_label, len(rows)), random_state=seed))
+    sub = pd.concat(picked).drop_duplicates("path").sort_index()
+    sub["path"] = [str((src_dir / p).resolve()) for p in sub["path"]]
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    sub.to_csv(out_csv, index=False)
+    return out_csv
