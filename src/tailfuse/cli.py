@@ -43,6 +43,34 @@ def _add_vae_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="VAE dtype (default float32)")
 
 
+def _add_fuse_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fusion")
+    g.add_argument("--model", help="trained model to use (default train; train-no-imitation for the ablation)")
+    g.add_argument("--generation", type=int, help="generation of the model (default: the last)")
+    g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
+    g.add_argument("--neighbours", type=int, help="head neighbours per tail sample (default 3)")
+    g.add_argument("--index", choices=["auto", "exact", "faiss-flat", "faiss-hnsw"], help="neighbour search (default auto: exact up to 20,000 head samples, then faiss HNSW)")
+    n = g.add_mutually_exclusive_group()
+    n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
+    n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
+    g.add_argument("--labels-policy", choices=["union", "tail"], help="labels of a fused sample: tail + head sample's labels (union, default; multi-label data) or the tail sample's only")
+    g.add_argument("--code", choices=["hard", "soft"], help="splice one-hot symbols (hard, default) or code probabilities")
+    g.add_argument("--saliency-norm", choices=["rank", "minmax"], help="map normalisation before thresholds (default rank)")
+    g.add_argument("--q-spread", type=float, help="q1, q2 ~ N(0.5, q-spread) (default 0.1)")
+    g.add_argument("--fill-prob", type=float, help="tail probability where the rule leaves the choice open (default 0.5)")
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--name", help="output folder in the run (default synthetic)")
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decode")
+    if not any(a.dest == "name" for a in p._actions):
+        g.add_argument("--name", help="synthetic set to decode (default synthetic)")
+    g.add_argument("--vae", help="VAE (default: the one the run was encoded with)")
+    g.add_argument("--device", help="cpu (default), cuda, ...")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="VAE dtype (default float32)")
+
+
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
     p.add_argument("--run", required=run_required, help="run folder (created if needed)")
     p.add_argument("--config", help="YAML file with sections data, vae, encode, ... (flags override it)")
@@ -66,6 +94,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="images per VAE batch (default 32)")
     g.add_argument("--shard-size", type=int, help="latents per shard file (default 512)")
     g.add_argument("--force", action="store_true", help="discard an earlier encode in this run folder and redo it")
+
+    p = sub.add_parser("train", help="iterated learning of the sparse code on the run's latents (resumable)")
+    _common(p)
+    g = p.add_argument_group("iterated learning")
+    g.add_argument("--generations", type=int, help="generations (default 4)")
+    g.add_argument("--epochs", type=int, help="interaction epochs per generation (default 12)")
+    g.add_argument("--imitation-epochs", type=int, help="imitation epochs per generation (default 6)")
+    g.add_argument("--no-imitation", action="store_true", default=None, help="ablation: interaction phases only (model 'train-no-imitation')")
+    g.add_argument("--imitation-targets", choices=["sample", "argmax"], help="imitation target per position: a symbol drawn from the teacher (default) or its argmax")
+    g.add_argument("--reset-decoder-classifier", action="store_true", default=None, help="fresh D and C at every generation")
+    g.add_argument("--k", type=int, help="symbols of the code (default 64)")
+    g.add_argument("--dim", type=int, help="feature/codebook dimension (default 8)")
+    g.add_argument("--tau", type=float, help="softmax temperature (default 0.05)")
+    g.add_argument("--batch-size", type=int, help="latents per step (default 32)")
+    g.add_argument("--lr", type=float, help="learning rate of the interaction phase (default 2e-3)")
+    g.add_argument("--lr-imitation", type=float, help="learning rate of the imitation phase (default 2e-3)")
+    g.add_argument("--lambda-rec", type=float, help="weight of the reconstruction loss (default 1)")
+    g.add_argument("--lambda-cls", type=float, help="weight of the classification loss (default 0.1)")
+    g.add_argument("--lambda-mix", type=float, help="weight of the spliced-code decoder loss (default 0.5)")
+    g.add_argument("--hard-frac", type=float, help="share of the one-hot code in the reconstruction loss (default 0.5)")
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--device", help="cpu (default)")
+    g.add_argument("--name", help="model folder in the run (default train, or train-no-imitation)")
+    g.add_argument("--force", action="store_true", help="discard an earlier model of this name and train again")
+
+    p = sub.add_parser("fuse", help="saliency, neighbours and fusion: synthetic tail latents (resumable)")
+    _common(p)
+    _add_fuse_args(p)
+    p.add_argument("--force", action="store_true", help="discard an earlier synthetic set of this name and redo it")
+
+    p = sub.add_parser("decode", help="synthetic latents -> PNG images, manifest.csv and provenance.jsonl (resumable)")
+    _common(p)
+    _add_decode_args(p)
+    p.add_argument("--force", action="store_true", help="decode again")
 
     p = sub.add_parser("info", help="what a run folder holds")
     p.add_argument("--run", required=True, help="run folder")
@@ -92,6 +154,31 @@ def cmd_encode(args: argparse.Namespace) -> int:
     vae = resolve("vae", doc, vals)
     enc = resolve("encode", doc, vals)
     run_encode(data, vae, enc, args.run, force=bool(args.force), progress=not args.quiet)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_train
+
+    doc = load_yaml(args.config) if args.config else None
+    cfg = resolve("train", doc, _values(args))
+    run_train(args.run, cfg, force=bool(args.force), progress=not args.quiet)
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from .fusion.stage import run_fuse
+
+    doc = load_yaml(args.config) if args.config else None
+    run_fuse(args.run, resolve("fuse", doc, _values(args)), force=bool(args.force), progress=not args.quiet)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .decode import run_decode
+
+    doc = load_yaml(args.config) if args.config else None
+    run_decode(args.run, resolve("decode", doc, _values(args)), force=bool(args.force), progress=not args.quiet)
     return 0
 
 
@@ -132,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
-    handlers = {"encode": cmd_encode, "info": cmd_info, "demo": cmd_demo}
+    handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "info": cmd_info, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except TailfuseError as e:

@@ -126,7 +126,8 @@ class VAECodec:
             raise TailfuseError(f"could not load the {kind} weights from '{name}': {e}") from None
         weights = sorted(Path(folder, sub or ".").glob("*.safetensors")) or sorted(Path(folder, sub or ".").glob("*.bin"))
         digest = hashlib.sha256("".join(_file_sha256(w) for w in weights).encode()).hexdigest() if weights else ""
-        return cls(vae.to(dev), name, dict(vae.config), str(dev), torch_dtype, digest)
+        shown = str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
+        return cls(vae.to(dev), shown, dict(vae.config), str(dev), torch_dtype, digest)
 
     def identity(self) -> dict:
         """What identifies this VAE for hashing and provenance."""

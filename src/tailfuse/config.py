@@ -53,7 +53,93 @@ class EncodeConfig:
     shard_size: int = 512  # latents per shard file; a killed run redoes at most one shard
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "vae": VAEConfig, "encode": EncodeConfig}
+@dataclass
+class TrainConfig:
+    """Settings of `tailfuse train` (defaults measured on ISIC2018-LT / TAESD, see benchmarks/results/train.md)."""
+
+    generations: int = 4
+    epochs: int = 12  # interaction epochs per generation
+    imitation_epochs: int = 6  # imitation epochs per generation (from generation 1 on)
+    k: int = 64  # symbols: channels of the simplicial embedding
+    dim: int = 8  # feature / codebook dimension (>= latent channels)
+    tau: float = 0.05  # softmax temperature on negative squared distances
+    width_e: int = 32
+    blocks_e: int = 2
+    width_d: int = 48
+    blocks_d: int = 3
+    width_c: int = 32
+    batch_size: int = 32
+    lr: float = 2e-3
+    lr_imitation: float = 2e-3
+    lambda_rec: float = 1.0
+    hard_frac: float = 0.5  # share of the hard (one-hot) code in the reconstruction term
+    lambda_cls: float = 0.1
+    beta: float = 0.25  # commitment
+    lambda_codebook: float = 1.0
+    lambda_mix: float = 0.5  # decoder loss on codes spliced between two samples with random region masks
+    mix_frac: float = 0.5  # share of each batch also used for the spliced-code loss
+    augment: bool = True  # random flips / 90-degree rotations of latents
+    reset_decoder_classifier: bool = False  # fresh D and C at every generation
+    restart_dead: bool = True
+    imitation_targets: str = "sample"  # sample (one symbol drawn per position) | argmax
+    no_imitation: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    name: str | None = None  # model folder in the run; default "train" or "train-no-imitation"
+
+    @property
+    def model_name(self) -> str:
+        return self.name or ("train-no-imitation" if self.no_imitation else "train")
+
+    def phases(self) -> list[tuple[str, int]]:
+        out = [("interaction", 0)]
+        for g in range(1, self.generations):
+            if not self.no_imitation:
+                out.append(("imitation", g))
+            out.append(("interaction", g))
+        return out
+
+
+@dataclass
+class FuseConfig:
+    """Settings of `tailfuse fuse`: saliency, neighbours, the fusion rule, how many samples, labels."""
+
+    model: str = "train"  # trained model in the run (train, train-no-imitation, or a --name given to train)
+    generation: int | None = None  # default: the model's last generation
+    cam: str = "gradcam"  # gradcam | hirescam | eigencam
+    neighbours: int = 3  # head neighbours per tail map
+    index: str = "auto"  # auto | exact | faiss-flat | faiss-hnsw
+    per_class: int | None = None  # new samples per tail label (default 100 when balance_to is not given)
+    balance_to: int | None = None  # top every tail label up to this many training samples in total
+    labels_policy: str = "union"  # union (tail labels + head labels; multi-label data) | tail
+    code: str = "hard"  # hard (one-hot symbols) | soft (code probabilities) are spliced
+    saliency_norm: str = "rank"  # rank (quantiles within each map) | minmax
+    q_spread: float = 0.1  # q1, q2 ~ N(0.5, q_spread), clipped into (0, 1)
+    fill_prob: float = 0.5  # probability of the tail code where the rule leaves the choice open
+    seed: int = 0
+    batch_size: int = 256
+    shard_size: int = 1024
+    name: str = "synthetic"  # output folder in the run
+    device: str = "cpu"
+
+
+@dataclass
+class DecodeConfig:
+    name: str = "synthetic"
+    batch_size: int = 32
+    vae: str | None = None  # default: the VAE the run was encoded with
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "vae": VAEConfig,
+    "encode": EncodeConfig,
+    "train": TrainConfig,
+    "fuse": FuseConfig,
+    "decode": DecodeConfig,
+}
 
 
 def register_section(name: str, cls: type) -> None:

@@ -38,6 +38,10 @@ def run_info(run: str) -> dict:
         enc = stages.get("encode", {})
         done = sum(sh.get("n", 0) for sh in enc.get("shards", {}).values())
         out.update(samples=done, latent_shape=None, labels=[], tail_labels=[], head_labels=[])
+    for name, rec in stages.items():
+        if name.startswith("train") and rec.get("last"):
+            key = "train" if name == "train" else name.replace("-", "_")
+            out[key] = {"model": name, "status": rec.get("status"), **rec["last"]}
     enc = stages.get("encode")
     if enc:
         out["vae"] = enc.get("vae")
@@ -71,7 +75,8 @@ def format_info(info: dict) -> str:
     for name, s in info["stages"].items():
         extra = ", ".join(f"{k} {v}" for k, v in s.items() if k != "status")
         lines.append(f"  {name}: {s['status']}" + (f" ({extra})" if extra else ""))
-    if "train" in info:
-        t = info["train"]
-        lines.append("train (last generation): " + ", ".join(f"{k} {v}" for k, v in t.items() if not isinstance(v, dict)))
+    for key, t in info.items():
+        if key.startswith("train") and isinstance(t, dict):
+            vals = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items() if not isinstance(v, dict))
+            lines.append(f"{key} (last generation): {vals}")
     return "\n".join(lines)

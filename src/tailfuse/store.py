@@ -74,11 +74,16 @@ def now() -> str:
 
 
 class ShardSet:
-    """Streaming, random-access reader over a folder of safetensors shards holding `latents` and `sample_id`."""
+    """Streaming, random-access reader over safetensors shards holding a tensor and an id vector (`sample_id`).
 
-    def __init__(self, folder: Path, files: list[str], cache_shards: int = 2):
+    ``iter_batches`` streams shard by shard (at most ``cache_shards`` in memory); ``get`` reads single rows
+    through memory-mapped slices, so random access does not load whole shards."""
+
+    def __init__(self, folder: Path, files: list[str], cache_shards: int = 2, id_key: str = "sample_id", key: str = "latents"):
         self.folder = Path(folder)
         self.files = list(files)
+        self.id_key, self.key = id_key, key
+        self._handles: dict[int, Any] = {}
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_shards = cache_shards
         self._ids: list[np.ndarray] = []
@@ -87,9 +92,9 @@ class ShardSet:
             if not p.is_file():
                 raise TailfuseError(f"run folder is missing latent shard {p}; rerun the stage that writes it.")
             with safe_open(str(p), framework="pt") as h:
-                self._ids.append(h.get_tensor("sample_id").numpy())
+                self._ids.append(h.get_tensor(id_key).numpy())
                 if not hasattr(self, "shape"):
-                    self.shape = tuple(h.get_slice("latents").get_shape()[1:])
+                    self.shape = tuple(h.get_slice(key).get_shape()[1:])
         self.index: dict[int, tuple[int, int]] = {
             int(sid): (si, off) for si, ids in enumerate(self._ids) for off, sid in enumerate(ids)
         }
@@ -113,7 +118,7 @@ class ShardSet:
         return data
 
     def iter_batches(
-        self, batch_size: int = 256, ids: np.ndarray | None = None, key: str = "latents"
+        self, batch_size: int = 256, ids: np.ndarray | None = None, key: str | None = None
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield (sample_ids, tensor) batches shard by shard; ``ids`` restricts (and keeps shard order)."""
         keep = None if ids is None else set(int(i) for i in ids)
@@ -121,37 +126,36 @@ class ShardSet:
             mask = np.ones(len(sid), bool) if keep is None else np.array([int(i) in keep for i in sid], bool)
             if not mask.any():
                 continue
-            t = self._shard(si)[key]
+            t = self._shard(si)[key or self.key]
             sel = np.flatnonzero(mask)
             for a in range(0, len(sel), batch_size):
                 rows = sel[a : a + batch_size]
                 yield sid[rows], t[torch.from_numpy(rows)]
 
-    def get(self, ids: np.ndarray | list[int], key: str = "latents") -> torch.Tensor:
-        """Tensors for ``ids``, in the order given."""
+    def get(self, ids: np.ndarray | list[int], key: str | None = None) -> torch.Tensor:
+        """Tensors for ``ids``, in the order given (memory-mapped row reads)."""
+        key = key or self.key
         ids = [int(i) for i in ids]
         missing = [i for i in ids if i not in self.index]
         if missing:
-            raise KeyError(f"sample ids not in this run: {missing[:5]}")
-        out = None
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for pos, i in enumerate(ids):
+            raise KeyError(f"ids not in this shard set: {missing[:5]}")
+        if not ids:
+            return torch.empty((0, *self.shape))
+        rows = []
+        for i in ids:
             si, off = self.index[i]
-            by_shard.setdefault(si, []).append((pos, off))
-        for si, pairs in by_shard.items():
-            t = self._shard(si)[key]
-            if out is None:
-                out = torch.empty((len(ids), *t.shape[1:]), dtype=t.dtype)
-            pos = torch.tensor([p for p, _ in pairs])
-            off = torch.tensor([o for _, o in pairs])
-            out[pos] = t[off]
-        if out is None:
-            return torch.empty(0)
-        return out
+            if si in self._cache:
+                rows.append(self._cache[si][key][off : off + 1])
+                continue
+            h = self._handles.get(si)
+            if h is None:
+                h = self._handles[si] = safe_open(str(self.folder / self.files[si]), framework="pt")
+            rows.append(h.get_slice(key)[off : off + 1])
+        return torch.cat(rows)
 
-    def load_all(self, key: str = "latents") -> tuple[np.ndarray, torch.Tensor]:
+    def load_all(self, key: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
         """Everything at once (for small runs and tests); prefer iter_batches for large ones."""
-        parts = [self._shard(si)[key] for si in range(len(self.files))]
+        parts = [self._shard(si)[key or self.key] for si in range(len(self.files))]
         return self.ids, (torch.cat(parts) if parts else torch.empty(0))
 
 
@@ -249,3 +253,37 @@ class RunStore:
             raise TailfuseError(f"run folder {self.root}: encode has not finished; run `tailfuse encode` first.")
         files = [rec["shards"][k]["file"] for k in sorted(rec["shards"], key=int) if rec["shards"][k]["file"]]
         return ShardSet(self.root, files)
+
+
+def open_stage(store: RunStore, name: str, config_hash: str, force: bool, wipe: list[Path], log, what: str) -> dict | None:
+    """Start, resume or skip a stage. Returns the record to resume (status running), a done record, or None (fresh).
+
+    A record made with another configuration is refused unless ``force``; ``force`` deletes ``wipe`` and the record."""
+    import shutil
+
+    rec = store.stage(name)
+    if rec is not None and (force or rec.get("config_hash") != config_hash):
+        if not force:
+            raise TailfuseError(
+                f"run folder {store.root} holds {what} made with other settings or inputs. Pass --force to discard "
+                "it and redo it, or choose another --name."
+            )
+        log(f"--force: discarding the earlier {what}")
+        for p in wipe:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+        store.stage_path(name).unlink(missing_ok=True)
+        rec = None
+    return rec
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,55 @@
+"""The fusion rule on codes, and the plan of which tail/head pairs make which synthetic samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def draw_thresholds(n: int, spread: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """q1, q2 per sample: normal around 0.5 with standard deviation ``spread``, clipped into (0, 1)."""
+    q = 0.5 + spread * torch.randn(2, n, generator=gen)
+    q = q.clamp(0.01, 0.99)
+    return q[0], q[1]
+
+
+def fusion_masks(s_t: torch.Tensor, s_h: torch.Tensor, q1: torch.Tensor, q2: torch.Tensor, fill_p: float,
+                 gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The rule: T = S_t > q1 (tail-specific), G = S_h < q2 (head-generic). Take the tail code where T and not G,
+    the head code where G and not T, and elsewhere the tail code with probability ``fill_p`` (drawn per position).
+
+    Maps are N x h x w; q1, q2 are (N,). Returns boolean masks T, G and ``take_tail`` (N x h x w)."""
+    t = s_t > q1[:, None, None]
+    g = s_h < q2[:, None, None]
+    from_tail = t & ~g
+    from_head = g & ~t
+    coin = torch.rand(s_t.shape, generator=gen) < fill_p
+    take_tail = from_tail | (~from_tail & ~from_head & coin)
+    return {"T": t, "G": g, "take_tail": take_tail}
+
+
+def splice(code_t: torch.Tensor, code_h: torch.Tensor, take_tail: torch.Tensor) -> torch.Tensor:
+    """Codes N x K x h x w: the tail code where ``take_tail``, the head code elsewhere."""
+    return torch.where(take_tail[:, None], code_t, code_h)
+
+
+def plan(tail_rows: dict[str, list[int]], counts: dict[str, int], k: int) -> list[tuple[str, int, int, int]]:
+    """Which (tail label, tail row, neighbour rank, repeat) makes each synthetic sample.
+
+    For a tail label with n tail rows and k neighbours each, sample i uses tail row i mod n, neighbour rank
+    (i div n) mod k, and repeat i div (n k) (a repeat draws new thresholds and fill), so the first n samples use
+    every tail image once with its nearest head, the next n the second nearest, and so on."""
+    out = []
+    for lab, n_new in counts.items():
+        rows = tail_rows.get(lab, [])
+        if not rows or n_new <= 0:
+            continue
+        n = len(rows)
+        for i in range(n_new):
+            out.append((lab, rows[i % n], (i // n) % k, i // (n * k)))
+    return out
+
+
+def sample_generator(seed: int, synth_id: int) -> torch.Generator:
+    """Every synthetic sample draws from its own generator: results do not depend on batching or resumption."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(synth_id)) % (2**63))

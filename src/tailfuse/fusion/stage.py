@@ -1,0 +1,284 @@
+"""Stage 3-5, fuse: saliency maps, head neighbours of every tail map, and fused synthetic latents (resumable).
+
+Output, in ``<run>/<name>/`` (name default ``synthetic``):
+  latents/00000.safetensors   fused latents (`latents`, `synth_id`), streamed shard by shard
+  parts/00000.csv             labels and provenance of the samples of each shard
+  samples.csv                 all synthetic samples: synth_id, one 0/1 column per label, provenance
+Saliency maps and neighbours are cached in ``<run>/saliency/<model>-g<generation>-<cam>/``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import FuseConfig, stable_hash
+from ..errors import TailfuseError
+from ..store import RunStore, ShardSet, file_sha256, now, open_stage, save_tensors_atomic, write_csv_atomic
+from ..train import load_model
+from .fuse import draw_thresholds, fusion_masks, plan, sample_generator, splice
+from .neighbours import INDEX_KINDS, nearest
+from .saliency import CAM_METHODS, compute_maps, rank_normalise, saliency_targets
+
+POLICIES = ("union", "tail")
+
+
+def _validate(cfg: FuseConfig) -> None:
+    if cfg.cam not in CAM_METHODS:
+        raise TailfuseError(f"--cam '{cfg.cam}' unknown; choose from {', '.join(CAM_METHODS)}.")
+    if cfg.index not in INDEX_KINDS:
+        raise TailfuseError(f"--index '{cfg.index}' unknown; choose from {', '.join(INDEX_KINDS)}.")
+    if cfg.labels_policy not in POLICIES:
+        raise TailfuseError(f"--labels-policy '{cfg.labels_policy}' unknown; choose from {', '.join(POLICIES)}.")
+    if cfg.code not in ("hard", "soft"):
+        raise TailfuseError(f"--code '{cfg.code}' unknown; choose hard or soft.")
+    if cfg.saliency_norm not in ("rank", "minmax"):
+        raise TailfuseError(f"--saliency-norm '{cfg.saliency_norm}' unknown; choose rank or minmax.")
+    if cfg.per_class is not None and cfg.balance_to is not None:
+        raise TailfuseError("give either --per-class or --balance-to, not both.")
+    if (cfg.per_class is not None and cfg.per_class < 0) or (cfg.balance_to is not None and cfg.balance_to < 0):
+        raise TailfuseError("--per-class and --balance-to must be >= 0.")
+    if cfg.neighbours < 1 or cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise TailfuseError("--neighbours, batch and shard sizes must be at least 1.")
+    if not 0 <= cfg.fill_prob <= 1 or cfg.q_spread < 0:
+        raise TailfuseError("--fill-prob must be in [0, 1] and --q-spread >= 0.")
+
+
+def model_identity(store: RunStore, model: str, generation: int | None) -> tuple[int, str]:
+    rec = store.stage(model)
+    if not rec or not rec.get("generations_done"):
+        raise TailfuseError(f"run folder {store.root} has no trained model '{model}'; run `tailfuse train` first.")
+    gen = rec["generations_done"][-1] if generation is None else generation
+    path = store.root / model / f"gen-{gen:02d}" / "model.safetensors"
+    if not path.is_file():
+        raise TailfuseError(f"model '{model}' has no generation {gen} (generations: {rec['generations_done']}).")
+    return gen, file_sha256(path)
+
+
+def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: str, progress: bool, log) -> tuple[pd.DataFrame, ShardSet, Path]:
+    """Maps for every training sample (its target labels); cached per model, generation and CAM method."""
+    name = f"saliency-{cfg.model}-g{gen:02d}-{cfg.cam}"
+    folder = store.root / "saliency" / f"{cfg.model}-g{gen:02d}-{cfg.cam}"
+    enc = store.stage("encode")
+    config_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "inputs": enc["inputs_hash"]})
+    rec = open_stage(store, name, config_hash, False, [folder], log, "saliency maps")
+    if rec is not None and rec.get("status") == "done":
+        table = pd.read_csv(folder / "maps.csv")
+        return table, ShardSet(folder, rec["files"], id_key="row_id", key="maps"), folder
+    labels_info = store.labels()
+    labels, tail = labels_info["labels"], labels_info["tail_labels"]
+    samples = store.samples()
+    train = samples[samples["split"] == "train"].reset_index(drop=True)
+    shards = store.latents()
+    probs = []
+    with torch.no_grad():
+        for i in range(0, len(train), cfg.batch_size):
+            z = shards.get(train["sample_id"].to_numpy()[i : i + cfg.batch_size])
+            probs.append(model.probabilities(model.classify(model.code(z))))
+    probs = torch.cat(probs).numpy()
+    table = saliency_targets(train, labels, tail, probs)
+    table.insert(0, "row_id", np.arange(len(table), dtype=np.int64))
+    n_unlabelled = int((train[labels].sum(axis=1) == 0).sum())
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    t0 = time.time()
+    bar = tqdm(total=len(table), desc=f"saliency ({cfg.cam})", unit="map", disable=not progress, file=sys.stderr)
+    try:
+        for si, start in enumerate(range(0, len(table), cfg.shard_size)):
+            part = table.iloc[start : start + cfg.shard_size]
+            maps = []
+            for b in range(0, len(part), cfg.batch_size):
+                sub = part.iloc[b : b + cfg.batch_size]
+                z = shards.get(sub["sample_id"].to_numpy())
+                maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam))
+                bar.update(len(sub))
+            fname = f"{si:05d}.safetensors"
+            save_tensors_atomic(folder / fname, {"maps": torch.cat(maps), "row_id": torch.from_numpy(part["row_id"].to_numpy().copy())})
+            files.append(fname)
+    finally:
+        bar.close()
+    write_csv_atomic(folder / "maps.csv", table)
+    store.write_stage(name, {"stage": name, "status": "done", "config_hash": config_hash, "files": files,
+                             "n_maps": len(table), "n_unlabelled_left_out": n_unlabelled,
+                             "seconds": round(time.time() - t0, 2), "finished_at": now()})
+    if n_unlabelled:
+        log(f"note: {n_unlabelled} training samples carry no label and were left out of the head pool")
+    return table, ShardSet(folder, files, id_key="row_id", key="maps"), folder
+
+
+def _normalise(maps: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "rank":
+        return rank_normalise(maps)
+    flat = maps.reshape(len(maps), -1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-7)).reshape(maps.shape)
+
+
+def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseConfig, labels: list[str]) -> pd.DataFrame:
+    """For every tail map: the cfg.neighbours nearest head-pool maps. Positions in the pool map back to rows via
+    ``head['row_id']`` and to samples via ``head['sample_id']`` (one lookup, here)."""
+    tail = table[table["role"] == "tail"].reset_index(drop=True)
+    head = table[table["role"] == "head"].reset_index(drop=True)
+    if tail.empty:
+        raise TailfuseError("no training sample carries a tail label: nothing to fuse.")
+    s_tail = _normalise(maps.get(tail["row_id"].to_numpy()), cfg.saliency_norm)
+    s_head = _normalise(maps.get(head["row_id"].to_numpy()), cfg.saliency_norm)
+    dist, pos = nearest(s_tail, s_head, cfg.neighbours, cfg.index)
+    rows = []
+    for i in range(len(tail)):
+        for r in range(pos.shape[1]):
+            p = int(pos[i, r])
+            rows.append({
+                "tail_row": int(tail["row_id"][i]), "tail_sample_id": int(tail["sample_id"][i]),
+                "tail_label": labels[int(tail["target"][i])], "rank": r,
+                "head_row": int(head["row_id"][p]), "head_sample_id": int(head["sample_id"][p]),
+                "distance": float(dist[i, r]),
+            })
+    out = pd.DataFrame(rows)
+    write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-{cfg.index}-k{cfg.neighbours}.csv", out)
+    return out
+
+
+def target_counts(cfg: FuseConfig, train_counts: dict[str, int], tail: list[str]) -> dict[str, int]:
+    if cfg.balance_to is not None:
+        return {lab: max(0, cfg.balance_to - train_counts[lab]) for lab in tail}
+    n = 100 if cfg.per_class is None else cfg.per_class
+    return {lab: n for lab in tail}
+
+
+def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+    _validate(cfg)
+    store = RunStore(run)
+    store.require("encode")
+    gen, model_sha = model_identity(store, cfg.model, cfg.generation)
+    model = load_model(run, cfg.model, gen, device="cpu")
+    labels_info = store.labels()
+    labels, tail = labels_info["labels"], labels_info["tail_labels"]
+    multi = labels_info["multi_label"]
+    out = store.root / cfg.name
+    stage = f"fuse-{cfg.name}"
+    enc = store.stage("encode")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "batch_size")}
+    config_hash = stable_hash({"fuse": settings, "model_sha256": model_sha, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
+    rec = open_stage(store, stage, config_hash, force, [out, store.root / "stages" / f"decode-{cfg.name}.json"], log, f"synthetic set '{cfg.name}'")
+    if rec is not None and rec.get("status") == "done":
+        log(f"fuse already done for '{cfg.name}' ({rec['n_synthetic']} samples); skipping (use --force to redo).")
+        return rec
+    store.write_config(stage, asdict(cfg))
+
+    table, maps, sal_folder = run_saliency(store, cfg, model, gen, model_sha, progress, log)
+    neigh = run_neighbours(table, maps, sal_folder, cfg, labels)
+    samples = store.samples().set_index("sample_id")
+    train = samples[samples["split"] == "train"]
+    counts = target_counts(cfg, {lab: int(train[lab].sum()) for lab in labels}, tail)
+    tail_rows: dict[str, list[int]] = {}
+    for r in table[table["role"] == "tail"].itertuples():
+        tail_rows.setdefault(labels[r.target], []).append(int(r.row_id))
+    items = plan(tail_rows, counts, cfg.neighbours)
+    if not items:
+        raise TailfuseError("nothing to make: the requested counts are 0 for every tail label.")
+    nb = {(int(r.tail_row), int(r.rank)): r for r in neigh.itertuples()}
+    k_eff = int(neigh["rank"].max()) + 1
+    row_sample = dict(zip(table["row_id"], table["sample_id"]))
+
+    if rec is None:
+        rec = {"stage": stage, "status": "running", "config_hash": config_hash, "model": cfg.model, "generation": gen,
+               "model_sha256": model_sha, "n_planned": len(items), "shards": {}, "started_at": now(), "seconds": 0.0}
+    shards = store.latents()
+    n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
+    done = sum(min(cfg.shard_size, len(items) - int(k) * cfg.shard_size) for k in rec["shards"])
+    bar = tqdm(total=len(items), initial=done, desc=f"fuse {cfg.name}", unit="sample", disable=not progress, file=sys.stderr)
+    t0 = time.time()
+    sal_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "inputs": enc["inputs_hash"]})
+    try:
+        for si in range(n_shards):
+            if str(si) in rec["shards"] and (out / rec["shards"][str(si)]["file"]).is_file():
+                continue
+            lo = si * cfg.shard_size
+            chunk = items[lo : lo + cfg.shard_size]
+            lats, prov = [], []
+            for b in range(0, len(chunk), cfg.batch_size):
+                part = chunk[b : b + cfg.batch_size]
+                ids = np.arange(lo + b, lo + b + len(part))
+                nrows = [nb[(row, rank % k_eff)] for _, row, rank, _ in part]
+                t_ids = [int(n.tail_sample_id) for n in nrows]
+                h_ids = [int(n.head_sample_id) for n in nrows]
+                z_t, z_h = shards.get(t_ids), shards.get(h_ids)
+                s_t = _normalise(maps.get([int(n.tail_row) for n in nrows]), cfg.saliency_norm)
+                s_h = _normalise(maps.get([int(n.head_row) for n in nrows]), cfg.saliency_norm)
+                q1s, q2s, takes, ts, gs = [], [], [], [], []
+                for j, sid in enumerate(ids):
+                    g = sample_generator(cfg.seed, int(sid))
+                    q1, q2 = draw_thresholds(1, cfg.q_spread, g)
+                    mk = fusion_masks(s_t[j : j + 1], s_h[j : j + 1], q1, q2, cfg.fill_prob, g)
+                    q1s.append(float(q1)), q2s.append(float(q2))
+                    takes.append(mk["take_tail"]), ts.append(mk["T"]), gs.append(mk["G"])
+                take = torch.cat(takes)
+                with torch.no_grad():
+                    if cfg.code == "hard":
+                        c_t, c_h = model.hard_code(z_t), model.hard_code(z_h)
+                    else:
+                        c_t, c_h = model.code(z_t), model.code(z_h)
+                    fused = model.decode(splice(c_t, c_h, take))
+                lats.append(fused)
+                share = take.float().mean((1, 2)).numpy()
+                t_share = torch.cat(ts).float().mean((1, 2)).numpy()
+                g_share = torch.cat(gs).float().mean((1, 2)).numpy()
+                for j, ((lab, row, rank, rep), n) in enumerate(zip(part, nrows)):
+                    y_t = samples.loc[t_ids[j], labels].to_numpy(dtype=np.int64)
+                    y_h = samples.loc[h_ids[j], labels].to_numpy(dtype=np.int64)
+                    if not multi:
+                        y = np.zeros(len(labels), dtype=np.int64)
+                        y[labels.index(lab)] = 1
+                    elif cfg.labels_policy == "union":
+                        y = np.maximum(y_t, y_h)
+                    else:
+                        y = y_t
+                    prov.append({
+                        "synth_id": int(ids[j]), **{l: int(v) for l, v in zip(labels, y)},
+                        "tail_label": lab, "tail_sample_id": t_ids[j], "head_sample_id": h_ids[j],
+                        "tail_path": samples.loc[t_ids[j], "path"], "head_path": samples.loc[h_ids[j], "path"],
+                        "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
+                        "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
+                        "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
+                        "head_generic_share": float(g_share[j]), "code": cfg.code, "cam": cfg.cam,
+                        "saliency_norm": cfg.saliency_norm, "model": cfg.model, "generation": gen,
+                        "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,
+                        "fuse_hash": config_hash,
+                    })
+                bar.update(len(part))
+            fname = f"latents/{si:05d}.safetensors"
+            save_tensors_atomic(out / fname, {"latents": torch.cat(lats).float(),
+                                              "synth_id": torch.tensor([p["synth_id"] for p in prov], dtype=torch.int64)})
+            write_csv_atomic(out / "parts" / f"{si:05d}.csv", pd.DataFrame(prov))
+            rec["shards"][str(si)] = {"file": fname, "n": len(prov)}
+            rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
+            t0 = time.time()
+            store.write_stage(stage, rec)
+    finally:
+        bar.close()
+    parts = [pd.read_csv(out / "parts" / f"{si:05d}.csv") for si in range(n_shards)]
+    allrows = pd.concat(parts, ignore_index=True)
+    write_csv_atomic(out / "samples.csv", allrows)
+    per_label = {lab: int((allrows["tail_label"] == lab).sum()) for lab in tail}
+    rec.update(status="done", n_synthetic=len(allrows), per_label=per_label, finished_at=now(),
+               mean_tail_share=float(allrows["tail_share"].mean()),
+               files=[rec["shards"][str(si)]["file"] for si in range(n_shards)])
+    store.write_stage(stage, rec)
+    log(f"fused {len(allrows)} synthetic latents into {out} ("
+        + ", ".join(f"{k} {v}" for k, v in per_label.items()) + f"); mean tail share {rec['mean_tail_share']:.2f}")
+    return rec
+
+
+def synthetic_latents(store: RunStore, name: str = "synthetic") -> ShardSet:
+    rec = store.stage(f"fuse-{name}")
+    if not rec or rec.get("status") != "done":
+        raise TailfuseError(f"run folder {store.root} has no finished synthetic set '{name}'; run `tailfuse fuse` first.")
+    return ShardSet(store.root / name, rec["files"], id_key="synth_id")

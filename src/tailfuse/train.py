@@ -1,0 +1,280 @@
+"""Stage 2, train: iterated learning of the sparse code on the run's training latents. Resumable at any point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, stable_hash
+from .errors import TailfuseError
+from .sparse.learner import IteratedLearner
+from .sparse.metrics import code_metrics
+from .sparse.nets import SparseModel
+from .store import RunStore, now, save_tensors_atomic, write_json_atomic, write_text_atomic
+
+
+def split_data(store: RunStore, split: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(sample ids, latents, label matrix) of one split, read shard by shard."""
+    samples = store.samples()
+    labels = store.labels()["labels"]
+    sub = samples[samples["split"] == split]
+    ids = sub["sample_id"].to_numpy()
+    z = store.latents().get(ids) if len(ids) else torch.empty(0)
+    y = torch.from_numpy(sub[labels].to_numpy(dtype=np.int64))
+    return ids, z, y
+
+
+def _torch_save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=float))
+
+
+def save_model(model: SparseModel, folder: Path, extra: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(folder / "model.safetensors", {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    write_json_atomic(folder / "config.json", {"hparams": model.hparams, **extra})
+
+
+def load_model(run: str | Path, name: str = "train", generation: int | None = None, device: str = "cpu") -> SparseModel:
+    """The trained sparse model of a run folder: the last generation unless ``generation`` is given."""
+    store = RunStore(run)
+    rec = store.stage(name)
+    if not rec or not rec.get("generations_done"):
+        raise TailfuseError(f"run folder {store.root} has no trained model '{name}'; run `tailfuse train` first.")
+    gens = rec["generations_done"]
+    g = gens[-1] if generation is None else generation
+    if g not in gens:
+        raise TailfuseError(f"model '{name}' has generations {gens}; generation {g} does not exist.")
+    folder = store.root / name / f"gen-{g:02d}"
+    cfg = json.loads((folder / "config.json").read_text())
+    model = SparseModel(**cfg["hparams"])
+    state = load_file(str(folder / "model.safetensors"))
+    model.mu = torch.empty_like(state["mu"])  # the per-element mean has the latent grid's shape
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def decoded_psnr(model: SparseModel, codec, z: torch.Tensor, batch: int = 64) -> dict:
+    """PSNR (dB) of VAE-decoded D(E(z)) (soft and hard code) and of the mean latent, against the VAE's own decode of z."""
+    out = {"soft": [], "hard": [], "mean_latent": []}
+    for i in range(0, len(z), batch):
+        zb = z[i : i + batch]
+        ref = codec.decode(zb)
+        p = model.code(zb)
+        hard = torch.nn.functional.one_hot(p.argmax(1), model.k).permute(0, 3, 1, 2).float()
+        for key, lat in (("soft", model.decode(p)), ("hard", model.decode(hard)), ("mean_latent", model.mu.expand_as(zb))):
+            mse = ((codec.decode(lat) - ref) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
+            out[key].append(10 * torch.log10(1 / mse))
+    return {k: float(torch.cat(v).mean()) for k, v in out.items()}
+
+
+def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+    store = RunStore(run)
+    store.require("encode")
+    if cfg.imitation_targets not in ("sample", "argmax"):
+        raise TailfuseError(f"imitation targets '{cfg.imitation_targets}' unknown; use sample or argmax.")
+    if cfg.generations < 1 or cfg.epochs < 1 or (cfg.generations > 1 and not cfg.no_imitation and cfg.imitation_epochs < 1):
+        raise TailfuseError("generations and epochs must be at least 1.")
+    if cfg.dim < 1 or cfg.k < 2 or cfg.tau <= 0:
+        raise TailfuseError("k must be >= 2, dim >= the latent channels, tau > 0.")
+    name = cfg.model_name
+    folder = store.root / name
+    labels_info = store.labels()
+    labels = labels_info["labels"]
+    enc = store.stage("encode")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "name")}
+    config_hash = stable_hash({"train": settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
+    rec = store.stage(name)
+    if rec is not None and rec.get("config_hash") != config_hash:
+        if not force:
+            raise TailfuseError(
+                f"run folder {store.root} holds a model '{name}' trained with other settings or on another encode. "
+                "Pass --force to discard it and train again, or --name to keep both."
+            )
+    if force and rec is not None:
+        log(f"--force: discarding the earlier model '{name}'")
+        shutil.rmtree(folder, ignore_errors=True)
+        store.stage_path(name).unlink(missing_ok=True)
+        rec = None
+    if rec is not None and rec.get("status") == "done":
+        log(f"train already done for '{name}' ({rec['generations_done'][-1] + 1} generations); skipping (use --force to redo).")
+        return rec
+
+    _, z_tr, y_tr = split_data(store, "train")
+    _, z_va, y_va = split_data(store, "val")
+    if len(z_tr) < 2:
+        raise TailfuseError("the run has fewer than 2 training latents; nothing to train on.")
+    if cfg.dim < z_tr.shape[1]:
+        raise TailfuseError(f"--dim {cfg.dim} must be at least the latent channels ({z_tr.shape[1]}).")
+    if len(z_va) == 0:
+        log("note: no val split; metrics are reported on train")
+        z_va, y_va = z_tr, y_tr
+    device = torch.device(cfg.device)
+    if device.type != "cpu":
+        log("note: training runs on the CPU in this version; --device applies to later stages")  # TODO(gpu)
+    folder.mkdir(parents=True, exist_ok=True)
+    store.write_config(name, asdict(cfg))
+    phases = cfg.phases()
+    if rec is None:
+        rec = {"stage": name, "status": "running", "config_hash": config_hash, "started_at": now(), "seconds": 0.0,
+               "generations_done": [], "phases": [f"{p}:{g}" for p, g in phases]}
+    state_path = folder / "state.pt"
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        learner = IteratedLearner(cfg, z_tr, y_tr, labels_info["multi_label"])
+        pos = {"phase": 0, "epoch": 0, "history": [], "pending": {}}
+        if state_path.is_file():
+            st = torch.load(state_path, weights_only=False)
+            pos = st["pos"]
+            ph = phases[pos["phase"]] if pos["phase"] < len(phases) else None
+            in_phase = ph is not None and pos["epoch"] > 0
+            learner.load_state(st["learner"], ph[0] if in_phase else None, pos["phase"] if in_phase else None)
+            log(f"resuming '{name}' at phase {pos['phase'] + 1}/{len(phases)}, epoch {pos['epoch']}")
+        total_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases)
+        done_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases[: pos["phase"]]) + pos["epoch"]
+        bar = tqdm(total=total_epochs, initial=done_epochs, desc=f"train {name}", unit="epoch", disable=not progress, file=sys.stderr)
+        tb = _tensorboard(folder / "tb", purge_step=len(pos["history"]))
+        t0 = time.time()
+        try:
+            while pos["phase"] < len(phases):
+                phase, gen = phases[pos["phase"]]
+                n_ep = cfg.epochs if phase == "interaction" else cfg.imitation_epochs
+                if pos["epoch"] == 0:
+                    learner.begin_phase(phase, pos["phase"])
+                for ep in range(pos["epoch"], n_ep):
+                    last = ep == n_ep - 1
+                    stats = learner.interaction_epoch(last) if phase == "interaction" else learner.imitation_epoch(last)
+                    bar.set_postfix({k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
+                    bar.update(1)
+                    pos["epoch"] = ep + 1
+                    if phase == "imitation" and last:
+                        pos["pending"] = {
+                            "imitation_agreement": learner.agreement(z_va),
+                            "imitation_agreement_train": learner.agreement(z_tr),
+                            "imitation_loss": stats["imitation_loss"],
+                        }
+                    if last:
+                        learner.end_phase(phase)
+                        if phase == "interaction":
+                            row = _generation_metrics(learner, gen, z_tr, y_tr, z_va, y_va, labels, pos["pending"], stats)
+                            save_model(learner.model, folder / f"gen-{gen:02d}", {"train": asdict(cfg), "labels": labels, "generation": gen})
+                            pos["history"].append(row)
+                            pos["pending"] = {}
+                            _write_metrics(folder, pos["history"], tb)
+                            rec["generations_done"] = [r["generation"] for r in pos["history"]]
+                            rec["last"] = _summary(row)
+                        pos["phase"] += 1
+                        pos["epoch"] = 0
+                    rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
+                    t0 = time.time()
+                    _torch_save_atomic({"pos": pos, "learner": learner.state()}, state_path)
+                    store.write_stage(name, rec)
+                    if last:
+                        break
+        finally:
+            bar.close()
+            if tb is not None:
+                tb.close()
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+    final = pos["history"][-1]
+    vae_name = enc["vae"]["name"]
+    try:
+        from .codec import VAECodec
+
+        codec = VAECodec.load(vae_name, device=cfg.device if cfg.device else "cpu")
+        final["psnr_val"] = decoded_psnr(learner.model.eval(), codec, z_va)
+        rec["last"]["psnr_val"] = final["psnr_val"]
+        _write_metrics(folder, pos["history"], None)
+    except TailfuseError as e:
+        log(f"note: VAE '{vae_name}' not loadable now ({e}); decoded PSNR not measured")
+    rec.update(status="done", finished_at=now())
+    store.write_stage(name, rec)
+    state_path.unlink(missing_ok=True)
+    log(_format_row(final))
+    return rec
+
+
+def _tensorboard(path: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(str(path), purge_step=purge_step)
+
+
+def _generation_metrics(learner, gen, z_tr, y_tr, z_va, y_va, labels, pending, stats) -> dict:
+    m = learner.model
+    va = code_metrics(m, z_va, y_va, labels)
+    tr = code_metrics(m, z_tr, y_tr, labels)
+    row = {
+        "generation": gen,
+        "sparsity": va["sparsity"],
+        "entropy": va["entropy"],
+        "recon_rel_l1": va["recon_rel_l1"],
+        "recon_rel_l1_hard": va["recon_rel_l1_hard"],
+        "recon_rel_l1_mixed": va["recon_rel_l1_mixed"],
+        "val_map": va["map"],
+        "val_ap": va["ap"],
+        "codes_used": va["codes_used"],
+        "code_perplexity": va["code_perplexity"],
+        "imitation_agreement": pending.get("imitation_agreement"),
+        "imitation_agreement_train": pending.get("imitation_agreement_train"),
+        "imitation_loss": pending.get("imitation_loss"),
+        "train_loss": stats["loss"],
+        "dead_codes_last_epoch": stats["dead_codes"],
+        "train": {k: v for k, v in tr.items() if k != "ap"},
+        "finished_at": now(),
+    }
+    return _jsonable(row)
+
+
+def _summary(row: dict) -> dict:
+    keys = ("generation", "sparsity", "entropy", "recon_rel_l1", "recon_rel_l1_hard", "recon_rel_l1_mixed", "val_map",
+            "imitation_agreement", "codes_used", "val_ap")
+    return {k: row.get(k) for k in keys}
+
+
+def _write_metrics(folder: Path, history: list[dict], tb) -> None:
+    write_text_atomic(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    if tb is not None:
+        r = history[-1]
+        g = r["generation"]
+        for k in ("sparsity", "entropy", "recon_rel_l1", "recon_rel_l1_hard", "recon_rel_l1_mixed", "val_map",
+                  "imitation_agreement", "codes_used", "train_loss"):
+            if r.get(k) is not None:
+                tb.add_scalar(k, r[k], g)
+        for lab, ap in (r.get("val_ap") or {}).items():
+            if ap is not None:
+                tb.add_scalar(f"val_ap/{lab}", ap, g)
+        tb.flush()
+
+
+def _format_row(r: dict) -> str:
+    parts = [f"generation {r['generation']}: sparsity {r['sparsity']:.3f}",
+             f"recon {r['recon_rel_l1']:.3f} (hard {r['recon_rel_l1_hard']:.3f}) of the mean-latent predictor",
+             f"val mAP {r['val_map']:.3f}" if r.get("val_map") is not None else "val mAP n/a"]
+    if r.get("imitation_agreement") is not None:
+        parts.append(f"imitation agreement {r['imitation_agreement']:.3f}")
+    if r.get("psnr_val"):
+        parts.append(f"decoded PSNR soft {r['psnr_val']['soft']:.1f} dB / hard {r['psnr_val']['hard']:.1f} dB "
+                     f"(mean latent {r['psnr_val']['mean_latent']:.1f} dB)")
+    return ", ".join(parts)
