@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reset-decoder-classifier", action="store_true", default=None, help="fresh D and C at every generation")
     g.add_argument("--k", type=int, help="symbols of the code (default 64)")
     g.add_argument("--dim", type=int, help="feature/codebook dimension (default 8)")
-    g.add_argument("--tau", type=float, help="softmax temperature (default 0.05)")
+    g.add_argument("--tau", type=float, help="softmax temperature of the last generation (default 0.05)")
+    g.add_argument("--tau-start", type=float, help="temperature of generation 0, annealed geometrically to --tau (default: no annealing)")
     g.add_argument("--batch-size", type=int, help="latents per step (default 32)")
     g.add_argument("--lr", type=float, help="learning rate of the interaction phase (default 2e-3)")
     g.add_argument("--lr-imitation", type=float, help="learning rate of the imitation phase (default 2e-3)")
@@ -128,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _add_decode_args(p)
     p.add_argument("--force", action="store_true", help="decode again")
+
+    p = sub.add_parser("run", help="encode, train, fuse and decode (each stage skipped when done; resumable)")
+    _common(p)
+    _add_data_args(p)
+    g = p.add_argument_group("VAE")
+    g.add_argument("--vae", help="diffusers AutoencoderKL / AutoencoderTiny folder, Stable Diffusion folder, or hub id (default: $TAILFUSE_VAE)")
+    g.add_argument("--device", help="cpu (default), cuda, cuda:N, mps")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="VAE dtype (default float32)")
+    g = p.add_argument_group("train (more settings in the YAML section 'train')")
+    g.add_argument("--generations", type=int, help="generations (default 4)")
+    g.add_argument("--epochs", type=int, help="interaction epochs per generation (default 12)")
+    g.add_argument("--imitation-epochs", type=int, help="imitation epochs per generation (default 6)")
+    g.add_argument("--no-imitation", action="store_true", default=None, help="ablation: interaction phases only")
+    g = p.add_argument_group("fuse (more settings in the YAML section 'fuse')")
+    n = g.add_mutually_exclusive_group()
+    n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
+    n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
+    g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
+    g.add_argument("--labels-policy", choices=["union", "tail"], help="labels of a fused sample (default union)")
 
     p = sub.add_parser("info", help="what a run folder holds")
     p.add_argument("--run", required=True, help="run folder")
@@ -182,6 +202,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_all
+
+    doc = load_yaml(args.config) if args.config else None
+    vals = _values(args)
+    sections = {s: resolve(s, doc, vals) for s in ("data", "vae", "encode", "train", "fuse", "decode")}
+    run_all(args.run, **sections, progress=not args.quiet)
+    print(f"\ndone: images in {Path(args.run) / sections['fuse'].name / 'images'}; manifest and provenance beside them.")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, run_info
 
@@ -192,19 +223,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .codec import HUB_DEFAULT, VAE_ENV
-    from .config import DataConfig, EncodeConfig, VAEConfig
-    from .demo import DEMO_TAIL, elpv_manifest
-    from .encode import run_encode
-    from .info import format_info, run_info
+    from .demo import demo_configs, elpv_manifest
+    from .pipeline import run_all
 
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     manifest = elpv_manifest(run / "demo-data" / "manifest.csv")
     vae_name = args.vae or os.environ.get(VAE_ENV) or HUB_DEFAULT
-    data = DataConfig(data=str(manifest), tail_labels=list(DEMO_TAIL), metadata_columns=["cell_type"])
-    run_encode(data, VAEConfig(vae=vae_name, device=args.device or "cpu"), EncodeConfig(), str(run), progress=not args.quiet)
-    print()
-    print(format_info(run_info(str(run))))
+    run_all(str(run), **demo_configs(manifest, vae_name, args.device or "cpu"), progress=not args.quiet)
+    out = run / "synthetic"
+    print(
+        f"\ndemo done.\n  synthetic images: {out / 'images'}\n  manifest:         {out / 'manifest.csv'}\n"
+        f"  provenance:       {out / 'provenance.jsonl'}\n  run summary:      tailfuse info --run {run}"
+    )
     return 0
 
 
@@ -219,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
-    handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "info": cmd_info, "demo": cmd_demo}
+    handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
+                "info": cmd_info, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except TailfuseError as e:

@@ -62,7 +62,8 @@ class TrainConfig:
     imitation_epochs: int = 6  # imitation epochs per generation (from generation 1 on)
     k: int = 64  # symbols: channels of the simplicial embedding
     dim: int = 8  # feature / codebook dimension (>= latent channels)
-    tau: float = 0.05  # softmax temperature on negative squared distances
+    tau: float = 0.05  # softmax temperature on negative squared distances (of the last generation)
+    tau_start: float | None = None  # temperature of generation 0, annealed geometrically to tau; None = fixed tau
     width_e: int = 32
     blocks_e: int = 2
     width_d: int = 48

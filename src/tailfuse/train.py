@@ -91,8 +91,8 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
         raise TailfuseError(f"imitation targets '{cfg.imitation_targets}' unknown; use sample or argmax.")
     if cfg.generations < 1 or cfg.epochs < 1 or (cfg.generations > 1 and not cfg.no_imitation and cfg.imitation_epochs < 1):
         raise TailfuseError("generations and epochs must be at least 1.")
-    if cfg.dim < 1 or cfg.k < 2 or cfg.tau <= 0:
-        raise TailfuseError("k must be >= 2, dim >= the latent channels, tau > 0.")
+    if cfg.dim < 1 or cfg.k < 2 or cfg.tau <= 0 or (cfg.tau_start is not None and cfg.tau_start <= 0):
+        raise TailfuseError("k must be >= 2, dim >= the latent channels, tau and tau_start > 0.")
     name = cfg.model_name
     folder = store.root / name
     labels_info = store.labels()
@@ -139,13 +139,17 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
     torch.use_deterministic_algorithms(True)
     try:
         learner = IteratedLearner(cfg, z_tr, y_tr, labels_info["multi_label"])
-        pos = {"phase": 0, "epoch": 0, "history": [], "pending": {}}
+        pos = {"phase": 0, "epoch": 0, "history": [], "pending": {}, "epochs": []}
+        if not state_path.is_file() and "init" not in rec:
+            # the untrained model (k-means codebook, codebook decode): what training adds is measured against it
+            ini = code_metrics(learner.model, z_va, y_va, labels)
+            rec["init"] = _jsonable({k: ini[k] for k in ("sparsity", "entropy", "recon_rel_l1", "recon_rel_l1_hard", "map")})
         if state_path.is_file():
             st = torch.load(state_path, weights_only=False)
             pos = st["pos"]
             ph = phases[pos["phase"]] if pos["phase"] < len(phases) else None
             in_phase = ph is not None and pos["epoch"] > 0
-            learner.load_state(st["learner"], ph[0] if in_phase else None, pos["phase"] if in_phase else None)
+            learner.load_state(st["learner"], ph[0] if in_phase else None, pos["phase"] if in_phase else None, ph[1] if ph else 0)
             log(f"resuming '{name}' at phase {pos['phase'] + 1}/{len(phases)}, epoch {pos['epoch']}")
         total_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases)
         done_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases[: pos["phase"]]) + pos["epoch"]
@@ -157,12 +161,14 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
                 phase, gen = phases[pos["phase"]]
                 n_ep = cfg.epochs if phase == "interaction" else cfg.imitation_epochs
                 if pos["epoch"] == 0:
-                    learner.begin_phase(phase, pos["phase"])
+                    learner.begin_phase(phase, pos["phase"], gen)
                 for ep in range(pos["epoch"], n_ep):
                     last = ep == n_ep - 1
                     stats = learner.interaction_epoch(last) if phase == "interaction" else learner.imitation_epoch(last)
                     bar.set_postfix({k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
                     bar.update(1)
+                    pos["epochs"].append(_jsonable({"phase": phase, "generation": gen, "epoch": ep, **stats}))
+                    write_text_atomic(folder / "epochs.jsonl", "".join(json.dumps(r) + "\n" for r in pos["epochs"]))
                     pos["epoch"] = ep + 1
                     if phase == "imitation" and last:
                         pos["pending"] = {

@@ -31,6 +31,20 @@ from ..config import TrainConfig
 from .nets import Classifier, Decoder, Encoder, SparseModel, one_hot, positions
 
 
+def warmup_cosine(total: int, warmup_frac: float = 0.1):
+    """Learning-rate factor per step: linear warm-up over 10 % of the steps, then cosine decay to 4 % (any total)."""
+    total = max(1, total)
+    warm = max(1, int(round(warmup_frac * total)))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.04 + 0.96 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding and Lloyd iterations on the rows of x, deterministic given ``gen``."""
     m = x.shape[0]
@@ -93,7 +107,7 @@ class IteratedLearner:
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         torch.manual_seed(cfg.seed)
         self.model = SparseModel(
-            z_train.shape[1], y_train.shape[1], multi_label, cfg.k, cfg.dim, cfg.tau,
+            z_train.shape[1], y_train.shape[1], multi_label, cfg.k, cfg.dim, self.tau_at(0),
             cfg.width_e, cfg.blocks_e, cfg.width_d, cfg.blocks_d, cfg.width_c,
         )
         self.model.set_stats(z_train)
@@ -128,8 +142,17 @@ class IteratedLearner:
             c = self.model.hparams["in_channels"]
             dec.skip.weight.copy_(self.model.E.codebook[:, :c].T[:, :, None, None])
 
-    def begin_phase(self, phase: str, index: int) -> None:
+    def tau_at(self, generation: int) -> float:
+        """Temperature of a generation: tau_start annealed geometrically to tau over the generations."""
+        cfg = self.cfg
+        if cfg.tau_start is None or cfg.generations <= 1:
+            return cfg.tau
+        return float(cfg.tau_start * (cfg.tau / cfg.tau_start) ** (generation / (cfg.generations - 1)))
+
+    def begin_phase(self, phase: str, index: int, generation: int = 0) -> None:
         cfg, m = self.cfg, self.model
+        m.tau = self.tau_at(generation)
+        m.hparams["tau"] = m.tau
         torch.manual_seed(cfg.seed + 7919 * (index + 1))  # module initialisers use the global generator
         steps = max(1, math.ceil(len(self.z) / cfg.batch_size))
         if phase == "imitation":
@@ -142,7 +165,7 @@ class IteratedLearner:
                 m.C = Classifier(cfg.k, m.hparams["n_labels"], cfg.width_c)
             params, lr, epochs = list(m.parameters()), cfg.lr, cfg.epochs
         self.opt = torch.optim.Adam(params, lr=lr)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, lr, total_steps=max(1, epochs * steps), pct_start=0.1)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(epochs * steps))
 
     def end_phase(self, phase: str) -> None:
         if phase == "imitation":
@@ -245,11 +268,14 @@ class IteratedLearner:
             "opt": None if self.opt is None else self.opt.state_dict(),
             "sched": None if self.sched is None else self.sched.state_dict(),
             "gen": self.gen.get_state(),
+            "tau": self.model.tau,
         }
 
-    def load_state(self, st: dict, phase: str | None, index: int | None) -> None:
+    def load_state(self, st: dict, phase: str | None, index: int | None, generation: int = 0) -> None:
+        self.model.tau = st.get("tau", self.model.tau)
+        self.model.hparams["tau"] = self.model.tau
         if phase is not None:
-            self.begin_phase(phase, index)  # rebuilds student/optimiser objects; their states are overwritten below
+            self.begin_phase(phase, index, generation)  # rebuilds student/optimiser objects; their states are overwritten below
         self.model.load_state_dict(st["model"])
         self.gen.set_state(st["gen"])
         if phase is not None:

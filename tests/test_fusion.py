@@ -1,0 +1,225 @@
+"""Saliency, neighbours, the fusion rule, label policies, provenance, determinism and resume."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tailfuse.config import DataConfig, DecodeConfig, EncodeConfig, FuseConfig, TrainConfig, VAEConfig
+from tailfuse.decode import run_decode
+from tailfuse.encode import run_encode
+from tailfuse.errors import TailfuseError
+from tailfuse.fusion.fuse import fusion_masks, plan, splice
+from tailfuse.fusion.neighbours import nearest
+from tailfuse.fusion.saliency import compute_maps, rank_normalise, saliency_targets
+from tailfuse.fusion.stage import run_fuse, run_neighbours, synthetic_latents
+from tailfuse.store import RunStore, ShardSet, save_tensors_atomic
+from tailfuse.train import load_model, run_train
+from tiny import tiny_autoencoder_tiny
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+# ---- the rule on hand-made maps ---------------------------------------------------------------------------
+
+
+def test_masks_follow_the_fusion_rule_exactly():
+    s_t = torch.tensor([[[0.9, 0.9], [0.1, 0.1]]])  # tail-specific (S_t > 0.5): top row
+    s_h = torch.tensor([[[0.1, 0.9], [0.1, 0.9]]])  # head-generic (S_h < 0.5): left column
+    q = torch.tensor([0.5])
+    g = torch.Generator().manual_seed(0)
+    for fill, open_cell in ((0.0, False), (1.0, True)):
+        m = fusion_masks(s_t, s_h, q, q, fill, g)
+        assert m["T"].tolist() == [[[True, True], [False, False]]]
+        assert m["G"].tolist() == [[[True, False], [True, False]]]
+        # T & ~G -> tail (0,1); G & ~T -> head (1,0); T & G (0,0) and neither (1,1) -> fill
+        assert m["take_tail"].tolist() == [[[open_cell, True], [False, open_cell]]]
+    code_t, code_h = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    fused = splice(code_t, code_h, torch.tensor([[[True, False], [False, True]]]))
+    assert fused[0, :, 0, 0].tolist() == [1, 1, 1] and fused[0, :, 0, 1].tolist() == [0, 0, 0]
+
+
+def test_random_fill_is_per_position_with_the_given_probability():
+    s = torch.full((1, 64, 64), 0.5)  # T empty and G empty at q = 0.5: every position is open
+    m = fusion_masks(s, s, torch.tensor([0.5]), torch.tensor([0.5]), 0.3, torch.Generator().manual_seed(1))
+    assert abs(m["take_tail"].float().mean().item() - 0.3) < 0.03
+
+
+def test_rank_normalisation_gives_quantiles_and_shares_ties():
+    maps = torch.tensor([[[0.0, 10.0], [5.0, 7.0]], [[1.0, 1.0], [1.0, 3.0]]])
+    r = rank_normalise(maps)
+    torch.testing.assert_close(r[0], torch.tensor([[0.0, 1.0], [1 / 3, 2 / 3]]))
+    torch.testing.assert_close(r[1], torch.tensor([[1 / 3, 1 / 3], [1 / 3, 1.0]]))
+    # a contrast change does not change which share of positions passes a threshold
+    torch.testing.assert_close(rank_normalise(maps[:1] ** 3), r[:1])
+
+
+def test_plan_cycles_tail_rows_then_neighbour_ranks_then_repeats():
+    items = plan({"A": [10, 11], "B": [20]}, {"A": 5, "B": 0}, k=2)
+    assert items == [("A", 10, 0, 0), ("A", 11, 0, 0), ("A", 10, 1, 0), ("A", 11, 1, 0), ("A", 10, 0, 1)]
+
+
+def test_saliency_targets_are_always_labels_the_sample_carries():
+    labels = ["h1", "h2", "t1", "t2"]
+    samples = pd.DataFrame({"sample_id": [5, 6, 7, 8], "h1": [1, 1, 0, 0], "h2": [0, 1, 0, 1], "t1": [0, 0, 1, 0], "t2": [0, 0, 1, 0]})
+    probs = np.array([[0.1, 0.9, 0.0, 0.0], [0.2, 0.7, 0.1, 0.0], [0.9, 0.1, 0.5, 0.4], [0.9, 0.05, 0.0, 0.0]])
+    t = saliency_targets(samples, labels, ["t1", "t2"], probs)
+    rows = [tuple(r) for r in t[["sample_id", "role", "target"]].itertuples(index=False)]
+    # 5: only h1 present (h2 more confident but absent); 6: h2 (the more confident present one);
+    # 7: one map per tail label it carries; 8: h2 is its only label although h1 is predicted
+    assert rows == [(5, "head", 0), (6, "head", 1), (7, "tail", 2), (7, "tail", 3), (8, "head", 1)]
+    empty = pd.DataFrame({"sample_id": [1], "h1": [0], "h2": [0], "t1": [0], "t2": [0]})
+    assert saliency_targets(empty, labels, ["t1", "t2"], np.zeros((1, 4))).empty  # no label: left out
+
+
+def test_neighbour_positions_map_back_to_the_right_samples(tmp_path):
+    """Tail rows and the head pool are interleaved in the table with non-contiguous ids: a lookup by position in
+    the full table (the reference code's bug) would return the wrong samples."""
+    rng = np.random.default_rng(0)
+    roles = ["head", "tail", "head", "head", "tail", "head", "head"]
+    sample_ids = [101, 57, 33, 250, 12, 64, 8]
+    maps = torch.from_numpy(rng.random((7, 4, 4)).astype(np.float32))
+    maps[5] = maps[1] + 0.01  # head 64 is the twin of tail 57
+    maps[2] = maps[4] - 0.01  # head 33 is the twin of tail 12
+    table = pd.DataFrame({"row_id": np.arange(7) + 1000, "sample_id": sample_ids, "role": roles, "target": [0, 1, 0, 0, 1, 0, 0]})
+    save_tensors_atomic(tmp_path / "m.safetensors", {"maps": maps, "row_id": torch.arange(7) + 1000})
+    shards = ShardSet(tmp_path, ["m.safetensors"], id_key="row_id", key="maps")
+    cfg = FuseConfig(neighbours=2, saliency_norm="minmax", index="exact")
+    nb = run_neighbours(table, shards, tmp_path, cfg, ["h", "t"])
+    first = nb[nb["rank"] == 0].set_index("tail_sample_id")
+    assert first.loc[57, "head_sample_id"] == 64 and first.loc[12, "head_sample_id"] == 33
+    assert first.loc[57, "head_row"] == 1005 and first.loc[12, "head_row"] == 1002
+    assert set(nb["head_sample_id"]) <= {101, 33, 250, 64, 8}  # only the head pool
+    d_exact, p_exact = nearest(maps[[1, 4]], maps[[0, 2, 3, 5, 6]], 3, "exact")
+    d_flat, p_flat = nearest(maps[[1, 4]], maps[[0, 2, 3, 5, 6]], 3, "faiss-flat")
+    assert np.array_equal(p_exact, p_flat) and np.allclose(d_exact, d_flat, atol=1e-4)
+
+
+def test_gradcam_is_class_aware_eigencam_is_not():
+    from tailfuse.sparse.nets import SparseModel
+
+    torch.manual_seed(0)
+    m = SparseModel(4, 3, False, 8, 4, 0.5, 8, 1, 8, 1, 8).eval()
+    z = torch.randn(2, 4, 8, 8)
+    g0, g1 = compute_maps(m, z, [0, 0]), compute_maps(m, z, [1, 1])
+    assert g0.shape == (2, 8, 8) and g0.min() >= 0 and g0.max() <= 1
+    assert not torch.allclose(g0, g1)
+    e0, e1 = compute_maps(m, z, [0, 0], "eigencam"), compute_maps(m, z, [1, 1], "eigencam")
+    torch.testing.assert_close(e0, e1)
+
+
+# ---- the stage on a tiny run -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A multi-label run (tiny VAE, random images) with a short-trained model."""
+    root = tmp_path_factory.mktemp("fuse")
+    vae = str(tiny_autoencoder_tiny(root / "vae"))
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    (root / "in" / "img").mkdir(parents=True)
+    rows = []
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "in" / "img" / f"{i}.png")
+        a, b = int(i % 2 == 0), int(i % 3 == 0)
+        t1, t2 = int(i % 10 == 1), int(i % 15 == 4)
+        rows.append({"path": f"img/{i}.png", "split": "train" if i < 48 else "val", "a": a, "b": b, "t1": t1, "t2": t2})
+    pd.DataFrame(rows).to_csv(root / "in" / "m.csv", index=False)
+    run = root / "run"
+    run_encode(DataConfig(data=str(root / "in" / "m.csv"), image_size=64, tail_labels=["t1", "t2"]), VAEConfig(vae=vae),
+               EncodeConfig(batch_size=16, shard_size=32), str(run), **QUIET)
+    run_train(str(run), TrainConfig(generations=1, epochs=1, k=8, dim=4, tau=0.3, width_e=8, blocks_e=1, width_d=8,
+                                    blocks_d=1, width_c=8, batch_size=16), **QUIET)
+    return run
+
+
+def _fuse(run, **kw):
+    return run_fuse(str(run), FuseConfig(**{"per_class": 7, "shard_size": 5, "batch_size": 3, **kw}), **QUIET)
+
+
+def test_provenance_complete_and_consistent(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    rec = _fuse(run)
+    run_decode(str(run), DecodeConfig(), **QUIET)
+    store = RunStore(run)
+    samples = store.samples().set_index("sample_id")
+    labels, tail = ["a", "b", "t1", "t2"], ["t1", "t2"]
+    syn = pd.read_csv(run / "synthetic" / "samples.csv")
+    assert rec["n_synthetic"] == 14 and rec["per_label"] == {"t1": 7, "t2": 7}
+    assert syn["synth_id"].tolist() == list(range(14))
+    for r in syn.itertuples():
+        t, h = samples.loc[r.tail_sample_id], samples.loc[r.head_sample_id]
+        assert t["split"] == "train" and h["split"] == "train"
+        assert t[r.tail_label] == 1  # the tail sample carries the tail label claimed
+        assert h[tail].sum() == 0  # the head sample carries no tail label
+        union = np.maximum(t[labels].to_numpy(dtype=int), h[labels].to_numpy(dtype=int))
+        assert [getattr(r, lab) for lab in labels] == union.tolist()  # label policy union (multi-label data)
+        assert 0 < r.q1 < 1 and 0 < r.q2 < 1 and 0 <= r.tail_share <= 1
+        assert len(r.model_sha256) == 64 and r.cam == "gradcam"
+    man = pd.read_csv(run / "synthetic" / "manifest.csv")
+    assert list(man.columns) == ["path", "split", *labels] and (man["split"] == "synthetic").all()
+    assert all((run / "synthetic" / p).is_file() for p in man["path"])
+    prov = [json.loads(x) for x in (run / "synthetic" / "provenance.jsonl").read_text().splitlines()]
+    assert len(prov) == 14 and prov[3]["synth_id"] == 3 and set(prov[3]["labels"]) >= {prov[3]["tail_label"]}
+    from PIL import Image
+
+    with Image.open(run / "synthetic" / man["path"][0]) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+
+
+def test_tail_label_policy_and_balance_to(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    run_fuse(str(run), FuseConfig(balance_to=9, labels_policy="tail", name="bal", batch_size=4), **QUIET)
+    samples = RunStore(run).samples().set_index("sample_id")
+    syn = pd.read_csv(run / "bal" / "samples.csv")
+    train = samples[samples["split"] == "train"]
+    assert (syn["tail_label"] == "t1").sum() == 9 - train["t1"].sum()
+    assert (syn["tail_label"] == "t2").sum() == 9 - train["t2"].sum()
+    for r in syn.itertuples():
+        assert [getattr(r, lab) for lab in ("a", "b", "t1", "t2")] == samples.loc[r.tail_sample_id, ["a", "b", "t1", "t2"]].astype(int).tolist()
+
+
+def test_fuse_is_deterministic_and_resumes_identically(tmp_path, trained, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(trained, a)
+    shutil.copytree(trained, b)
+    _fuse(a)
+    import tailfuse.fusion.stage as st
+
+    calls = {"n": 0}
+    orig = st.save_tensors_atomic
+
+    def failing(path, tensors, metadata=None):
+        if "latents/00001" in str(path):
+            raise KeyboardInterrupt
+        return orig(path, tensors, metadata)
+
+    monkeypatch.setattr(st, "save_tensors_atomic", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _fuse(b)
+    monkeypatch.setattr(st, "save_tensors_atomic", orig)
+    assert RunStore(b).stage("fuse-synthetic")["status"] == "running"
+    _fuse(b)
+    ia, za = synthetic_latents(RunStore(a)).load_all()
+    ib, zb = synthetic_latents(RunStore(b)).load_all()
+    assert np.array_equal(ia, ib) and torch.equal(za, zb)
+    assert len(torch.unique(za.reshape(len(za), -1), dim=0)) == len(za)  # no two synthetic samples identical
+    pa = pd.read_csv(a / "synthetic" / "samples.csv")
+    pb = pd.read_csv(b / "synthetic" / "samples.csv")
+    pd.testing.assert_frame_equal(pa, pb)
+
+
+def test_fuse_errors(tmp_path, trained):
+    with pytest.raises(TailfuseError, match="either --per-class or --balance-to"):
+        run_fuse(str(trained), FuseConfig(per_class=3, balance_to=5), **QUIET)
+    with pytest.raises(TailfuseError, match="no trained model 'nope'"):
+        run_fuse(str(trained), FuseConfig(model="nope"), **QUIET)
+    with pytest.raises(TailfuseError, match="saliency method|--cam"):
+        run_fuse(str(trained), FuseConfig(cam="xcam"), **QUIET)
