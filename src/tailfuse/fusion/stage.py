@@ -1,7 +1,8 @@
 """Stage 3-5, fuse: saliency maps, head neighbours of every tail map, and fused synthetic latents (resumable).
 
 Output, in ``<run>/<name>/`` (name default ``synthetic``):
-  latents/00000.safetensors   fused latents (`latents`, `synth_id`), streamed shard by shard
+  latents/00000.safetensors   fused latents (`latents`), which positions came from the tail sample (`mask`,
+                              1 = tail), and `synth_id`; streamed shard by shard
   parts/00000.csv             labels and provenance of the samples of each shard
   samples.csv                 all synthetic samples: synth_id, one 0/1 column per label, provenance
 Saliency maps and neighbours are cached in ``<run>/saliency/<model>-g<generation>-<cam>/``.
@@ -203,7 +204,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                 continue
             lo = si * cfg.shard_size
             chunk = items[lo : lo + cfg.shard_size]
-            lats, prov = [], []
+            lats, masks, prov = [], [], []
             for b in range(0, len(chunk), cfg.batch_size):
                 part = chunk[b : b + cfg.batch_size]
                 ids = np.arange(lo + b, lo + b + len(part))
@@ -228,6 +229,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         c_t, c_h = model.code(z_t), model.code(z_h)
                     fused = model.decode(splice(c_t, c_h, take))
                 lats.append(fused)
+                masks.append(take.to(torch.uint8))
                 share = take.float().mean((1, 2)).numpy()
                 t_share = torch.cat(ts).float().mean((1, 2)).numpy()
                 g_share = torch.cat(gs).float().mean((1, 2)).numpy()
@@ -255,7 +257,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                     })
                 bar.update(len(part))
             fname = f"latents/{si:05d}.safetensors"
-            save_tensors_atomic(out / fname, {"latents": torch.cat(lats).float(),
+            save_tensors_atomic(out / fname, {"latents": torch.cat(lats).float(), "mask": torch.cat(masks),
                                               "synth_id": torch.tensor([p["synth_id"] for p in prov], dtype=torch.int64)})
             write_csv_atomic(out / "parts" / f"{si:05d}.csv", pd.DataFrame(prov))
             rec["shards"][str(si)] = {"file": fname, "n": len(prov)}
