@@ -75,6 +75,7 @@ class TrainConfig:
     lambda_rec: float = 1.0
     hard_frac: float = 0.5  # share of the hard (one-hot) code in the reconstruction term
     lambda_cls: float = 0.1
+    balanced_classifier: bool = True  # multi-class: class-weighted cross-entropy for C (multi-label: BCE pos_weight)
     beta: float = 0.25  # commitment
     lambda_codebook: float = 1.0
     lambda_mix: float = 0.5  # decoder loss on codes spliced between two samples with random region masks
@@ -108,12 +109,14 @@ class FuseConfig:
     model: str = "train"  # trained model in the run (train, train-no-imitation, or a --name given to train)
     generation: int | None = None  # default: the model's last generation
     cam: str = "gradcam"  # gradcam | hirescam | eigencam
+    cam_layer: str = "full"  # full (C's block at latent resolution) | half (its half-resolution block: smoother)
     neighbours: int = 3  # head neighbours per tail map
     index: str = "auto"  # auto | exact | faiss-flat | faiss-hnsw
     per_class: int | None = None  # new samples per tail label (default 100 when balance_to is not given)
     balance_to: int | None = None  # top every tail label up to this many training samples in total
     labels_policy: str = "union"  # union (tail labels + head labels; multi-label data) | tail
     code: str = "hard"  # hard (one-hot symbols) | soft (code probabilities) are spliced
+    detail: str = "none"  # none: D(fused code) | residual: plus each position's own z - D(code(z))
     saliency_norm: str = "rank"  # rank (quantiles within each map) | minmax
     q_spread: float = 0.1  # q1, q2 ~ N(0.5, q_spread), clipped into (0, 1)
     fill_prob: float = 0.5  # probability of the tail code where the rule leaves the choice open

@@ -42,6 +42,7 @@ class Backbone:
         self.net.eval().requires_grad_(False).to(device)
         self.device = device
         self.id = "efficientnet-lite0-imagenet"
+        self.dim = FEATURE_DIM
 
     @torch.no_grad()
     def __call__(self, images01: torch.Tensor) -> torch.Tensor:
@@ -50,16 +51,19 @@ class Backbone:
         return self.net.extract_features(x).mean((2, 3)).float().cpu()
 
 
-def _key(path: str, image_size: int, backbone: str) -> str:
+def _key(path: str, image_size: int, backbone: str, resize: str = "center-crop") -> str:
     st = os.stat(path)
-    return hashlib.sha1(f"{backbone}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{image_size}".encode()).hexdigest()
+    extra = "" if resize == "center-crop" else f"|{resize}"  # keys of the default policy stay as they were
+    return hashlib.sha1(f"{backbone}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{image_size}{extra}".encode()).hexdigest()
 
 
 def image_features(paths: list[str], backbone: Backbone, cache_dir: Path | None, image_size: int = 128,
-                   batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """Features (N x 1280) of image files, read at ``image_size`` like the run's own images; cached on disk."""
-    keys = [_key(p, image_size, backbone.id) for p in paths]
-    out = np.zeros((len(paths), FEATURE_DIM), dtype=np.float32)
+                   batch_size: int = 64, progress: bool = True, resize: str = "center-crop", desc: str = "features") -> np.ndarray:
+    """Features (N x backbone.dim, 1280 for EfficientNet-Lite0) of image files, read at ``image_size`` with the
+    run's resize policy like the run's own images; cached on disk. Any object with ``id``, ``dim`` and
+    ``__call__(images01) -> N x dim`` works as the backbone (e.g. ``quality.InceptionFID``)."""
+    keys = [_key(p, image_size, backbone.id, resize) for p in paths]
+    out = np.zeros((len(paths), getattr(backbone, "dim", FEATURE_DIM)), dtype=np.float32)
     todo = []
     for i, k in enumerate(keys):
         f = cache_dir / k[:2] / f"{k}.npy" if cache_dir else None
@@ -67,9 +71,9 @@ def image_features(paths: list[str], backbone: Backbone, cache_dir: Path | None,
             out[i] = np.load(f)
         else:
             todo.append(i)
-    for a in tqdm(range(0, len(todo), batch_size), desc="features", disable=not progress or not todo, leave=False):
+    for a in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not progress or not todo, leave=False):
         idx = todo[a : a + batch_size]
-        feats = backbone(torch.stack([load_image(paths[i], image_size) for i in idx])).numpy()
+        feats = backbone(torch.stack([load_image(paths[i], image_size, resize) for i in idx])).numpy()
         for i, f in zip(idx, feats):
             out[i] = f
             if cache_dir is not None:

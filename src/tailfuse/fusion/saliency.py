@@ -63,7 +63,7 @@ def saliency_targets(samples: pd.DataFrame, labels: list[str], tail: list[str], 
     return pd.DataFrame(rows, columns=["sample_id", "role", "target"])
 
 
-def compute_maps(model: SparseModel, z: torch.Tensor, targets: list[int], method: str = "gradcam") -> torch.Tensor:
+def compute_maps(model: SparseModel, z: torch.Tensor, targets: list[int], method: str = "gradcam", layer: str = "full") -> torch.Tensor:
     """Maps (N x h x w, float32 in [0, 1]) of C over E(z) for the given target label per row."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -71,7 +71,7 @@ def compute_maps(model: SparseModel, z: torch.Tensor, targets: list[int], method
     with torch.no_grad():
         code = model.code(z)
     wrapper = _CodeClassifier(model)
-    cam = cam_class(method)(model=wrapper, target_layers=[model.C.cam_layer])
+    cam = cam_class(method)(model=wrapper, target_layers=[model.C.cam_layer(layer)])
     try:
         with torch.enable_grad():
             maps = cam(input_tensor=code, targets=[ClassifierOutputTarget(int(t)) for t in targets])

@@ -32,12 +32,16 @@ POLICIES = ("union", "tail")
 
 
 def _validate(cfg: FuseConfig) -> None:
+    if cfg.cam_layer not in ("full", "half"):
+        raise TailfuseError(f"--cam-layer '{cfg.cam_layer}' unknown; choose full or half.")
     if cfg.cam not in CAM_METHODS:
         raise TailfuseError(f"--cam '{cfg.cam}' unknown; choose from {', '.join(CAM_METHODS)}.")
     if cfg.index not in INDEX_KINDS:
         raise TailfuseError(f"--index '{cfg.index}' unknown; choose from {', '.join(INDEX_KINDS)}.")
     if cfg.labels_policy not in POLICIES:
         raise TailfuseError(f"--labels-policy '{cfg.labels_policy}' unknown; choose from {', '.join(POLICIES)}.")
+    if cfg.detail not in ("none", "residual"):
+        raise TailfuseError(f"--detail '{cfg.detail}' unknown; choose none or residual.")
     if cfg.code not in ("hard", "soft"):
         raise TailfuseError(f"--code '{cfg.code}' unknown; choose hard or soft.")
     if cfg.saliency_norm not in ("rank", "minmax"):
@@ -65,10 +69,11 @@ def model_identity(store: RunStore, model: str, generation: int | None) -> tuple
 
 def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: str, progress: bool, log) -> tuple[pd.DataFrame, ShardSet, Path]:
     """Maps for every training sample (its target labels); cached per model, generation and CAM method."""
-    name = f"saliency-{cfg.model}-g{gen:02d}-{cfg.cam}"
-    folder = store.root / "saliency" / f"{cfg.model}-g{gen:02d}-{cfg.cam}"
+    tag = f"{cfg.model}-g{gen:02d}-{cfg.cam}-{cfg.cam_layer}"
+    name = f"saliency-{tag}"
+    folder = store.root / "saliency" / tag
     enc = store.stage("encode")
-    config_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "inputs": enc["inputs_hash"]})
+    config_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "layer": cfg.cam_layer, "inputs": enc["inputs_hash"]})
     rec = open_stage(store, name, config_hash, False, [folder], log, "saliency maps")
     if rec is not None and rec.get("status") == "done":
         table = pd.read_csv(folder / "maps.csv")
@@ -98,7 +103,7 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
             for b in range(0, len(part), cfg.batch_size):
                 sub = part.iloc[b : b + cfg.batch_size]
                 z = shards.get(sub["sample_id"].to_numpy())
-                maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam))
+                maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam, cfg.cam_layer))
                 bar.update(len(sub))
             fname = f"{si:05d}.safetensors"
             save_tensors_atomic(folder / fname, {"maps": torch.cat(maps), "row_id": torch.from_numpy(part["row_id"].to_numpy().copy())})
@@ -197,7 +202,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     done = sum(min(cfg.shard_size, len(items) - int(k) * cfg.shard_size) for k in rec["shards"])
     bar = tqdm(total=len(items), initial=done, desc=f"fuse {cfg.name}", unit="sample", disable=not progress, file=sys.stderr)
     t0 = time.time()
-    sal_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "inputs": enc["inputs_hash"]})
+    sal_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "layer": cfg.cam_layer, "inputs": enc["inputs_hash"]})
     try:
         for si in range(n_shards):
             if str(si) in rec["shards"] and (out / rec["shards"][str(si)]["file"]).is_file():
@@ -228,6 +233,9 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                     else:
                         c_t, c_h = model.code(z_t), model.code(z_h)
                     fused = model.decode(splice(c_t, c_h, take))
+                    if cfg.detail == "residual":
+                        # what the code does not carry (z - D(code)) comes back from the sample each position is from
+                        fused = fused + splice(z_t - model.decode(c_t), z_h - model.decode(c_h), take)
                 lats.append(fused)
                 masks.append(take.to(torch.uint8))
                 share = take.float().mean((1, 2)).numpy()
@@ -249,7 +257,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         "tail_path": samples.loc[t_ids[j], "path"], "head_path": samples.loc[h_ids[j], "path"],
                         "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
                         "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
-                        "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
+                        "detail": cfg.detail, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
                         "head_generic_share": float(g_share[j]), "code": cfg.code, "cam": cfg.cam,
                         "saliency_norm": cfg.saliency_norm, "model": cfg.model, "generation": gen,
                         "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,

@@ -97,6 +97,14 @@ def positive_weights(y: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
     return torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones_like(pos)).clamp(max=cap)
 
 
+def class_weights(y: torch.Tensor, cap: float = 50.0) -> torch.Tensor:
+    """Cross-entropy class weights n / (L * count) (1 for a class without samples), capped: on long-tailed data an
+    unweighted C learns little about the tail, and its saliency maps then point away from tail findings."""
+    counts = y.float().sum(0)
+    w = torch.where(counts > 0, len(y) / (y.shape[1] * counts.clamp(min=1)), torch.ones_like(counts))
+    return w.clamp(max=cap)
+
+
 class IteratedLearner:
     """Holds the model, data and generator; runs phases epoch by epoch (the caller checkpoints between epochs)."""
 
@@ -114,6 +122,7 @@ class IteratedLearner:
         self.model.E = self.new_encoder()
         self.init_decoder_skip(self.model.D)
         self.pos_weight = positive_weights(y_train) if multi_label else None
+        self.class_weight = class_weights(y_train) if (not multi_label and cfg.balanced_classifier) else None
         self.student: Encoder | None = None
         self.opt = None
         self.sched = None
@@ -177,7 +186,7 @@ class IteratedLearner:
     def cls_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.multi_label:
             return F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight)
-        return F.cross_entropy(logits, y.argmax(1))
+        return F.cross_entropy(logits, y.argmax(1), weight=self.class_weight)
 
     def _batches(self):
         n = len(self.z)

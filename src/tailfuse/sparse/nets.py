@@ -91,9 +91,9 @@ class Classifier(nn.Module):
         h = F.silu(self.norm(self.block2(self.down(h))))
         return self.fc(h.mean((2, 3)))
 
-    @property
-    def cam_layer(self) -> nn.Module:
-        return self.block
+    def cam_layer(self, which: str = "full") -> nn.Module:
+        """Layer whose activations saliency methods weigh: ``full`` (latent resolution) or ``half``."""
+        return {"full": self.block, "half": self.block2}[which]
 
 
 class SparseModel(nn.Module):

@@ -1,0 +1,102 @@
+"""The `tailfuse evaluate` sub-command: its flags and its handler (wired into tailfuse.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from .config import ARMS, CLASSIFIERS, EvaluateConfig
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _int_csv(s: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="downstream classifier on real data vs real + each augmentation (tailfuse and baselines); quality figures",
+        description="Train the same downstream classifier on the real training images alone and with each "
+        "augmentation arm, over several seeds; report per-label AP, mAP over all / head / tail labels with paired "
+        "bootstrap intervals, and FID / domain Frechet distance / precision-recall of the synthetic tail images. "
+        "Writes <run>/eval/results.json, results.md and plots. Resumable: features and finished arms are cached.",
+    )
+    p.add_argument("--run", required=True, help="run folder (encode done; 'train' model for the fusion arms)")
+    p.add_argument("--config", help="YAML file with a section 'evaluate' (flags override it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("arms and classifier")
+    g.add_argument("--arms", type=_csv, help=f"comma-separated arms (default all: {','.join(ARMS)})")
+    g.add_argument("--seeds", type=_int_csv, help="comma-separated classifier seeds (default 0,1,2)")
+    g.add_argument("--classifier", choices=list(CLASSIFIERS), help="linear head on frozen EfficientNet-Lite0 features (default), finetune (all layers), cnn (small CNN from scratch)")
+    g.add_argument("--epochs", type=int, help="training epochs (default: linear 60, finetune 8, cnn 30)")
+    g.add_argument("--lr", type=float, help="learning rate (default: linear 1e-3, finetune 1e-4, cnn 1e-3)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--batch-size", type=int, help="classifier batch size (default 64)")
+    g = p.add_argument_group("augmentation budget (the same for every augmentation arm)")
+    n = g.add_mutually_exclusive_group()
+    n.add_argument("--balance-to", type=int, help="top each tail label up to this many training samples (default: the median head-label train count)")
+    n.add_argument("--per-class", type=int, help="instead: this many new samples per tail label")
+    g.add_argument("--max-ratio", type=float, help="with --balance-to: a tail label grows to at most this multiple of its real count (default 5)")
+    g.add_argument("--data-seed", type=int, help="seed of the synthetic sets and the bootstrap (default 0)")
+    g.add_argument("--smote-k", type=int, help="neighbours of SMOTE / MLSMOTE (default 5)")
+    g.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) (default 0.4)")
+    g = p.add_argument_group("statistics and quality")
+    g.add_argument("--bootstrap", type=int, help="paired bootstrap resamples of the test images (default 1000; 0 = none)")
+    g.add_argument("--no-quality", dest="quality", action="store_false", default=None, help="skip FID / Frechet distance / precision-recall")
+    g.add_argument("--fid-max-images", type=int, help="at most this many images per set in the quality figures (default 500)")
+    g.add_argument("--pr-k", type=int, help="k of the k-NN precision/recall (default 3)")
+    g = p.add_argument_group("models and machine")
+    g.add_argument("--no-train-missing", dest="train_missing", action="store_false", default=None, help="fail instead of training the missing 'train-no-imitation' model")
+    g.add_argument("--vae", help="VAE for decoding the SMOTE and fusion arms (default: the one the run was encoded with)")
+    g.add_argument("--device", help="cpu (default), cuda, ...")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--force", action="store_true", help="redo everything: synthetic sets and every arm (features stay cached)")
+    return p
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["tailfuse", "evaluate", "--run", str(args.run)]
+    for k, v in vars(args).items():
+        if k in ("run", "command", "func") or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k in ("quality", "train_missing"):  # store_false flags: given when False
+            if v is False:
+                parts.append("--no-" + k.replace("_", "-"))
+        elif v is False:
+            continue
+        elif v is True:
+            parts.append(flag)
+        elif isinstance(v, list):
+            parts += [flag, ",".join(map(str, v))]
+        else:
+            parts += [flag, str(v)]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..config import SECTIONS, load_yaml, register_section, resolve
+    from .harness import run_evaluate
+
+    if "evaluate" not in SECTIONS:
+        register_section("evaluate", EvaluateConfig)
+    doc = load_yaml(args.config) if getattr(args, "config", None) else None
+    vals = {k: v for k, v in vars(args).items() if v is not None and k not in ("run", "config", "quiet", "force", "command")}
+    cfg = resolve("evaluate", doc, vals)
+    res = run_evaluate(args.run, cfg, force=bool(args.force), progress=not args.quiet, command=_command(args))
+    rows = []
+    for arm, e in res["arms"].items():
+        d = e.get("delta_map_tail_vs_real")
+        extra = f"  Δtail {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else ""
+        fmt = lambda v: "  –  " if v is None else f"{v:.3f}"  # noqa: E731
+        rows.append(f"  {arm:<22} mAP {fmt(e['map_all'])}  head {fmt(e['map_head'])}  tail {fmt(e['map_tail'])}{extra}")
+    print("\n".join(rows))
+    print(f"results: {res['run']}/eval/results.json, results.md, per_label_ap.png, class_histograms.png")
+    return 0
