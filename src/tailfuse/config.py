@@ -118,6 +118,7 @@ class FuseConfig:
     code: str = "hard"  # hard (one-hot symbols) | soft (code probabilities) are spliced
     detail: str = "none"  # none: D(fused code) | residual: plus each position's own z - D(code(z))
     saliency_norm: str = "rank"  # rank (quantiles within each map) | minmax
+    saliency_smooth: float = 0.0  # Gaussian blur of the maps (sigma, in latent positions) before thresholds
     q_spread: float = 0.1  # q1, q2 ~ N(0.5, q_spread), clipped into (0, 1)
     fill_prob: float = 0.5  # probability of the tail code where the rule leaves the choice open
     seed: int = 0

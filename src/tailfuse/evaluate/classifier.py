@@ -22,6 +22,7 @@ size, global average pool, dropout 0.2, linear; random horizontal flips.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,18 @@ class TrainSet:
 
     def __len__(self) -> int:
         return len(self.a)
+
+
+@contextmanager
+def one_thread():
+    """Tiny matrix products run fastest on one thread; with several, OpenMP synchronisation dominates (8x slower
+    measured on a loaded 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def class_weights(y: np.ndarray, multi_label: bool) -> torch.Tensor:
@@ -152,9 +165,10 @@ def fit_linear(pool: np.ndarray, train: TrainSet, val_rows: np.ndarray, y_val: n
     x_te = torch.from_numpy(((pool[test_rows] - mu) / sd).astype(np.float32))
     torch.manual_seed(int(seed))
     model = nn.Linear(pool.shape[1], train.y.shape[1])
-    return _fit(model, lambda idx, g, aug: x_tr[idx], train, lambda: [x_va], y_val, lambda: [x_te],
-                multi_label=multi_label, weights=weights, seed=seed, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                batch_size=batch_size, progress=progress, desc=desc, augment=False)
+    with one_thread():
+        return _fit(model, lambda idx, g, aug: x_tr[idx], train, lambda: [x_va], y_val, lambda: [x_te],
+                    multi_label=multi_label, weights=weights, seed=seed, epochs=epochs, lr=lr,
+                    weight_decay=weight_decay, batch_size=batch_size, progress=progress, desc=desc, augment=False)
 
 
 def fit_images(kind: str, images: torch.Tensor, train: TrainSet, val_rows: np.ndarray, y_val: np.ndarray,

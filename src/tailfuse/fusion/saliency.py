@@ -102,3 +102,16 @@ def rank_normalise(maps: torch.Tensor) -> torch.Tensor:
             c = torch.bincount(inv, minlength=len(vals)).double()
             out[i] = (s / c)[inv]
     return (out / max(m - 1, 1)).float().reshape(maps.shape)
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur N x h x w maps with a Gaussian of ``sigma`` positions (reflect padding): coherent regions, not speckle."""
+    r = max(1, int(round(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    m = maps[:, None].float()
+    m = torch.nn.functional.pad(m, (r, r, r, r), mode="reflect") if min(maps.shape[1:]) > r else torch.nn.functional.pad(m, (r, r, r, r), mode="replicate")
+    m = torch.nn.functional.conv2d(m, k[None, None, None, :])
+    m = torch.nn.functional.conv2d(m, k[None, None, :, None])
+    return m[:, 0]

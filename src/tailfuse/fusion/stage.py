@@ -26,7 +26,7 @@ from ..store import RunStore, ShardSet, file_sha256, now, open_stage, save_tenso
 from ..train import load_model
 from .fuse import draw_thresholds, fusion_masks, plan, sample_generator, splice
 from .neighbours import INDEX_KINDS, nearest
-from .saliency import CAM_METHODS, compute_maps, rank_normalise, saliency_targets
+from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, saliency_targets
 
 POLICIES = ("union", "tail")
 
@@ -119,7 +119,9 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     return table, ShardSet(folder, files, id_key="row_id", key="maps"), folder
 
 
-def _normalise(maps: torch.Tensor, how: str) -> torch.Tensor:
+def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0) -> torch.Tensor:
+    if smooth > 0:
+        maps = gaussian_smooth(maps, smooth)
     if how == "rank":
         return rank_normalise(maps)
     flat = maps.reshape(len(maps), -1)
@@ -134,8 +136,8 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
     head = table[table["role"] == "head"].reset_index(drop=True)
     if tail.empty:
         raise TailfuseError("no training sample carries a tail label: nothing to fuse.")
-    s_tail = _normalise(maps.get(tail["row_id"].to_numpy()), cfg.saliency_norm)
-    s_head = _normalise(maps.get(head["row_id"].to_numpy()), cfg.saliency_norm)
+    s_tail = _normalise(maps.get(tail["row_id"].to_numpy()), cfg.saliency_norm, cfg.saliency_smooth)
+    s_head = _normalise(maps.get(head["row_id"].to_numpy()), cfg.saliency_norm, cfg.saliency_smooth)
     dist, pos = nearest(s_tail, s_head, cfg.neighbours, cfg.index)
     rows = []
     for i in range(len(tail)):
@@ -148,7 +150,7 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
                 "distance": float(dist[i, r]),
             })
     out = pd.DataFrame(rows)
-    write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-{cfg.index}-k{cfg.neighbours}.csv", out)
+    write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-s{cfg.saliency_smooth:g}-{cfg.index}-k{cfg.neighbours}.csv", out)
     return out
 
 
@@ -217,8 +219,8 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                 t_ids = [int(n.tail_sample_id) for n in nrows]
                 h_ids = [int(n.head_sample_id) for n in nrows]
                 z_t, z_h = shards.get(t_ids), shards.get(h_ids)
-                s_t = _normalise(maps.get([int(n.tail_row) for n in nrows]), cfg.saliency_norm)
-                s_h = _normalise(maps.get([int(n.head_row) for n in nrows]), cfg.saliency_norm)
+                s_t = _normalise(maps.get([int(n.tail_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
+                s_h = _normalise(maps.get([int(n.head_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
                 q1s, q2s, takes, ts, gs = [], [], [], [], []
                 for j, sid in enumerate(ids):
                     g = sample_generator(cfg.seed, int(sid))
