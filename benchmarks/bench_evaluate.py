@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--fresh", action="store_true", help="drop cached arm results first (features stay cached)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")
+    ap.add_argument("--note", help="a sentence written into both result files (conditions of the measurement)")
     a = ap.parse_args(argv)
     run = Path(a.run)
     if a.fresh and (run / "eval" / "cache").is_dir():
@@ -72,11 +73,13 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "torch_threads": a.threads},
         "seconds_per_arm": {arm: e.get("seconds") for arm, e in res["arms"].items()},
+        "note": a.note,
     }
     (out / f"evaluate-{a.tag}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     md = (run / "eval" / "results.md").read_text()
     note = (f"\nProduced by `{bench_cmd}` (wall {wall / 60:.1f} min on {os.cpu_count()} CPUs, {a.threads} torch "
-            f"threads; {platform.platform()}).\n")
+            f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; load average at the "
+            f"end {', '.join(f'{x:.1f}' for x in os.getloadavg())}).\n" + (f"\n{a.note}\n" if a.note else ""))
     (out / f"evaluate-{a.tag}.md").write_text(md + note)
     for png in sorted((run / "eval").glob("*.png")):
         shutil.copy(png, out / f"evaluate-{a.tag}-{png.name}")

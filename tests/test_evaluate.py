@@ -302,6 +302,10 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
         assert (man["split"] == "synthetic").all() and set(man.columns) >= {"path", "a", "b", "t1", "t2"}
         assert all((ev / arm / p).is_file() for p in man["path"])
         assert set(man[["a", "b", "t1", "t2"]].to_numpy().ravel()) <= {0, 1}
+    over = pd.read_csv(ev / "oversample" / "manifest-seed0.csv")  # duplicates point at the real originals
+    assert len(over) == 8 and over["path"].map(lambda p: p in set(RunStore(ml_run).samples()["abs_path"])).all()
+    pairs = pd.read_csv(ev / "mixup" / "pairs-seed1.csv")
+    assert len(pairs) == 8 and (pairs["lambda"] >= 0.5).all()
     ref = pd.read_csv(ev / "reference" / "samples.csv")
     assert (ref["cam"] == "eigencam").all()
     assert RunStore(ml_run).stage("train-no-imitation")["status"] == "done"  # trained because it was missing
@@ -340,7 +344,7 @@ def test_multiclass_run_smote_and_cli(tmp_path):
         e = res["arms"][arm]
         assert e["balanced_accuracy"] is not None and e["map_tail"] is not None
     man = pd.read_csv(run / "eval" / "smote" / "manifest.csv")
-    assert len(man) == 10 and man[["t1", "t2"]].sum().tolist() == [5, 5] and (man[["a", "b", "t1", "t2"]].sum(1) == 1).all()
+    assert len(man) == 10 and man[["t1", "t2"]].sum().tolist() == [5, 5] and (man[["a", "b", "t1", "t2"]].sum(axis=1) == 1).all()
     tf = res["arms"]["tailfuse"]["added_positives_per_label"]
     assert tf == {"a": 0, "b": 0, "t1": 5, "t2": 5}  # multi-class: one label per fused sample
     assert res["quality"] is None

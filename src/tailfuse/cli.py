@@ -12,6 +12,7 @@ from pathlib import Path
 from . import __version__
 from .config import load_yaml, resolve
 from .errors import TailfuseError
+from .evaluate.cli_args import add_evaluate_parser, cmd_evaluate
 
 DEFAULT_RUN = "tailfuse-run"
 
@@ -54,11 +55,11 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     n = g.add_mutually_exclusive_group()
     n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
     n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
-    g.add_argument("--labels-policy", choices=["union", "tail"], help="labels of a fused sample: tail + head sample's labels (union, default; multi-label data) or the tail sample's only")
+    g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data: tail + head sample's labels (union, default), the head's only when at least half of its salient region was kept (kept), or the tail sample's only (tail)")
     g.add_argument("--code", choices=["hard", "soft"], help="splice one-hot symbols (hard, default) or code probabilities")
-    g.add_argument("--detail", choices=["none", "residual"], help="add back what the code does not carry (z - D(code)) from each position's source (default none)")
+    g.add_argument("--detail", choices=["none", "residual"], help="add back what the code does not carry (z - D(code)) from each position's source (default residual)")
     g.add_argument("--saliency-norm", choices=["rank", "minmax"], help="map normalisation before thresholds (default rank)")
-    g.add_argument("--saliency-smooth", type=float, help="Gaussian blur of the maps before thresholds, sigma in latent positions (default 0)")
+    g.add_argument("--saliency-smooth", type=float, help="Gaussian blur of the maps before thresholds, sigma in latent positions (default 1; 0 turns it off)")
     g.add_argument("--q-spread", type=float, help="q1, q2 ~ N(0.5, q-spread) (default 0.1)")
     g.add_argument("--fill-prob", type=float, help="tail probability where the rule leaves the choice open (default 0.5)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
     n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
     g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
-    g.add_argument("--labels-policy", choices=["union", "tail"], help="labels of a fused sample (default union)")
+    g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data (default union)")
+
+    add_evaluate_parser(sub)
 
     p = sub.add_parser("info", help="what a run folder holds")
     p.add_argument("--run", required=True, help="run folder")
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
-                "info": cmd_info, "demo": cmd_demo}
+                "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except TailfuseError as e:

@@ -114,11 +114,17 @@ class FuseConfig:
     index: str = "auto"  # auto | exact | faiss-flat | faiss-hnsw
     per_class: int | None = None  # new samples per tail label (default 100 when balance_to is not given)
     balance_to: int | None = None  # top every tail label up to this many training samples in total
-    labels_policy: str = "union"  # union (tail labels + head labels; multi-label data) | tail
+    labels_policy: str = "union"  # union (tail + head labels) | kept (head labels only if >= half of the head map's
+    # salient region was kept) | tail (tail labels only); multi-class data: the tail label only, whatever the policy
     code: str = "hard"  # hard (one-hot symbols) | soft (code probabilities) are spliced
-    detail: str = "none"  # none: D(fused code) | residual: plus each position's own z - D(code(z))
+    # residual (default): D(fused code) plus each position's own z - D(code(z)), so texture the 32-symbol code does not
+    # carry comes back from the image the position is taken from; none: D(fused code) only. Measured on ISIC2018-LT
+    # (benchmarks/results/fusion-*): without it the synthetic images were blurred and ranked as their tail label at
+    # 0.09-0.45 of the real images' AP; with it 0.2-1.1.
+    detail: str = "residual"
     saliency_norm: str = "rank"  # rank (quantiles within each map) | minmax
-    saliency_smooth: float = 0.0  # Gaussian blur of the maps (sigma, in latent positions) before thresholds
+    saliency_smooth: float = 1.0  # Gaussian blur of the maps (sigma, in latent positions) before thresholds: fewer
+    # isolated one-position islands in the masks (0 turns it off)
     q_spread: float = 0.1  # q1, q2 ~ N(0.5, q_spread), clipped into (0, 1)
     fill_prob: float = 0.5  # probability of the tail code where the rule leaves the choice open
     seed: int = 0
@@ -137,6 +143,8 @@ class DecodeConfig:
     dtype: str = "float32"
 
 
+from .evaluate.config import EvaluateConfig  # noqa: E402  (its own module: the evaluate package owns it)
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "vae": VAEConfig,
@@ -144,6 +152,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "fuse": FuseConfig,
     "decode": DecodeConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -255,6 +255,10 @@ class RunStore:
         return ShardSet(self.root, files)
 
 
+class StageMismatch(TailfuseError):
+    """A stage's earlier output was made with other settings or inputs (``--force`` replaces it)."""
+
+
 def open_stage(store: RunStore, name: str, config_hash: str, force: bool, wipe: list[Path], log, what: str) -> dict | None:
     """Start, resume or skip a stage. Returns the record to resume (status running), a done record, or None (fresh).
 
@@ -264,7 +268,7 @@ def open_stage(store: RunStore, name: str, config_hash: str, force: bool, wipe: 
     rec = store.stage(name)
     if rec is not None and (force or rec.get("config_hash") != config_hash):
         if not force:
-            raise TailfuseError(
+            raise StageMismatch(
                 f"run folder {store.root} holds {what} made with other settings or inputs. Pass --force to discard "
                 "it and redo it, or choose another --name."
             )

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import DecodeConfig, FuseConfig, TrainConfig, stable_hash
 from ..errors import TailfuseError
-from ..store import RunStore, file_sha256, write_csv_atomic, write_json_atomic
+from ..store import RunStore, StageMismatch, file_sha256, write_csv_atomic, write_json_atomic
 from .config import EvaluateConfig
 from .resample import mlsmote, smote_multiclass
 
@@ -75,9 +75,7 @@ def _fuse_with_budget(store: RunStore, arm: str, per_label: dict[str, int], cfg:
     fcfg = FuseConfig(**spec, per_class=max(per_label.values()), seed=cfg.data_seed, name=name, device=cfg.device)
     try:
         run_fuse(str(store.root), fcfg, force=force, progress=progress, log=log)
-    except TailfuseError as e:
-        if "other settings" not in str(e):
-            raise
+    except StageMismatch:
         log(f"evaluate: the synthetic set of arm '{arm}' was made with other settings; making it again")
         run_fuse(str(store.root), fcfg, force=True, progress=progress, log=log)
     run_decode(str(store.root), DecodeConfig(name=name, vae=cfg.vae, device=cfg.device), force=force, progress=progress,

@@ -17,8 +17,10 @@ Arms (same classifier, schedule and seeds):
   real                   real training images only
   reweight               real only, class-weighted loss (multi-label pos_weight = neg/pos; multi-class N/(C n_c))
   oversample             + duplicated tail rows (RandomOverSampler / tail-positive row duplication), drawn per seed
+                           (manifest rows pointing at the originals: eval/oversample/manifest-seed<k>.csv)
   smote                  + SMOTE (multi-class, imbalanced-learn) or MLSMOTE (multi-label) on VAE latents, decoded
-  mixup                  + feature-space mixes of a tail sample with a random training sample (see resample.py)
+  mixup                  + feature-space mixes of a tail sample with a random training sample (see resample.py);
+                           no images, the pairs are recorded in eval/mixup/pairs-seed<k>.csv
   tailfuse               + fusion with the 'train' model and default fuse settings, decoded (PNG + manifest)
   tailfuse-no-imitation  + the same with the 'train-no-imitation' model (no iterated learning)
   reference              + fusion with the reference code's choices (EigenCAM, `tail` label policy)
@@ -60,7 +62,7 @@ from tqdm.auto import tqdm
 
 from ..config import stable_hash
 from ..errors import TailfuseError
-from ..store import RunStore, now, write_json_atomic, write_text_atomic
+from ..store import RunStore, now, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import TrainSet, class_weights, fit_images, fit_linear
 from .config import ARMS, CLASSIFIERS, DEFAULT_EPOCHS, IMAGE_ARMS, EvaluateConfig
@@ -213,7 +215,7 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     fit_info: dict[str, dict[int, dict]] = {a: {} for a in cfg.arms}
     train_sets: dict[str, dict[int, TrainSet]] = {a: {} for a in cfg.arms}
     n_tr = len(split["train"])
-    eye = np.arange(n_tr)
+    path_col = info.get("path_column", "path")
     bar = tqdm(total=len(cfg.arms) * len(cfg.seeds), desc="arms x seeds", disable=not progress, file=sys.stderr)
     try:
         for arm in cfg.arms:
@@ -226,11 +228,22 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
                     dup = oversample_rows(y_tr, col_counts, multi, seed)
                     ts = TrainSet(np.r_[a, a[dup]], np.r_[a, a[dup]], np.ones(n_tr + len(dup)),
                                   np.r_[y_tr, y_tr[dup]].astype(np.float32))
+                    # the added rows as a user would add them: manifest rows pointing at the duplicated originals
+                    dm = pd.DataFrame({path_col: split["train"]["abs_path"].to_numpy()[dup], "split": "synthetic"})
+                    for j, lab in enumerate(labels):
+                        dm[lab] = y_tr[dup, j]
+                    write_csv_atomic(eval_dir / "oversample" / f"manifest-seed{seed}.csv", dm)
                 elif arm == "mixup":
                     ia, ib, lam = mixup_pairs(y_tr, col_counts, cfg.mixup_alpha, seed)
                     ym = lam[:, None] * y_tr[ia] + (1 - lam[:, None]) * y_tr[ib]
                     ts = TrainSet(np.r_[a, a[ia]], np.r_[a, a[ib]], np.r_[np.ones(n_tr), lam],
                                   np.r_[y_tr, ym].astype(np.float32))
+                    # feature-space mixes have no image: the pairs and weights are recorded instead
+                    pm = pd.DataFrame({"path_a": split["train"]["abs_path"].to_numpy()[ia],
+                                       "path_b": split["train"]["abs_path"].to_numpy()[ib], "lambda": lam})
+                    for j, lab in enumerate(labels):
+                        pm[lab] = ym[:, j]
+                    write_csv_atomic(eval_dir / "mixup" / f"pairs-seed{seed}.csv", pm)
                     ident["mixup_alpha"] = cfg.mixup_alpha
                 elif arm in arm_sets:
                     r = rows_arm[arm]
