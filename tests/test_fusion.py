@@ -12,9 +12,9 @@ from tailfuse.config import DataConfig, DecodeConfig, EncodeConfig, FuseConfig, 
 from tailfuse.decode import run_decode
 from tailfuse.encode import run_encode
 from tailfuse.errors import TailfuseError
-from tailfuse.fusion.fuse import fusion_masks, plan, splice
+from tailfuse.fusion.fuse import fuse_latents, fusion_masks, plan, splice
 from tailfuse.fusion.neighbours import nearest
-from tailfuse.fusion.saliency import compute_maps, rank_normalise, saliency_targets
+from tailfuse.fusion.saliency import compute_maps, gaussian_smooth, rank_normalise, saliency_targets
 from tailfuse.fusion.stage import run_fuse, run_neighbours, synthetic_latents
 from tailfuse.store import RunStore, ShardSet, save_tensors_atomic
 from tailfuse.train import load_model, run_train
@@ -55,6 +55,34 @@ def test_rank_normalisation_gives_quantiles_and_shares_ties():
     torch.testing.assert_close(r[1], torch.tensor([[1 / 3, 1 / 3], [1 / 3, 1.0]]))
     # a contrast change does not change which share of positions passes a threshold
     torch.testing.assert_close(rank_normalise(maps[:1] ** 3), r[:1])
+
+
+def test_fuse_latents_codes_and_residual_detail():
+    from tailfuse.sparse.nets import SparseModel
+
+    torch.manual_seed(0)
+    m = SparseModel(4, 3, False, 8, 4, 0.5, 8, 1, 8, 1, 8).eval()
+    z_t, z_h = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    every, none = torch.ones(2, 6, 6, dtype=torch.bool), torch.zeros(2, 6, 6, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_latents(m, z_t, z_h, every), m.decode(m.hard_code(z_t)))
+        torch.testing.assert_close(fuse_latents(m, z_t, z_h, none, "soft"), m.decode(m.code(z_h)))
+    # with the residual, taking everything from one sample gives that sample back exactly
+    torch.testing.assert_close(fuse_latents(m, z_t, z_h, every, detail="residual"), z_t, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fuse_latents(m, z_t, z_h, none, detail="residual"), z_h, atol=1e-5, rtol=0)
+    half = torch.zeros(2, 6, 6, dtype=torch.bool)
+    half[:, :, :3] = True
+    mixed = fuse_latents(m, z_t, z_h, half, detail="residual")
+    assert not torch.allclose(mixed, z_t) and not torch.allclose(mixed, z_h)
+
+
+def test_gaussian_smoothing_keeps_mass_and_makes_regions():
+    m = torch.zeros(1, 16, 16)
+    m[0, 8, 8] = 1
+    s = gaussian_smooth(m, 1.0)
+    assert s.shape == m.shape and abs(s.sum().item() - 1) < 1e-5 and s[0, 8, 8] < 0.2 and s[0, 8, 9] > 0.05
+    r = rank_normalise(s)
+    assert r[0, 8, 8] == 1.0
 
 
 def test_plan_cycles_tail_rows_then_neighbour_ranks_then_repeats():
@@ -184,6 +212,21 @@ def test_tail_label_policy_and_balance_to(tmp_path, trained):
     assert (syn["tail_label"] == "t2").sum() == 9 - train["t2"].sum()
     for r in syn.itertuples():
         assert [getattr(r, lab) for lab in ("a", "b", "t1", "t2")] == samples.loc[r.tail_sample_id, ["a", "b", "t1", "t2"]].astype(int).tolist()
+
+
+def test_kept_label_policy_follows_the_head_region_kept(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    run_fuse(str(run), FuseConfig(per_class=10, labels_policy="kept", name="kept", batch_size=4), **QUIET)
+    samples = RunStore(run).samples().set_index("sample_id")
+    syn = pd.read_csv(run / "kept" / "samples.csv")
+    labels = ["a", "b", "t1", "t2"]
+    for r in syn.itertuples():
+        y_t = samples.loc[r.tail_sample_id, labels].to_numpy(dtype=int)
+        y_h = samples.loc[r.head_sample_id, labels].to_numpy(dtype=int)
+        want = np.maximum(y_t, y_h) if r.head_specific_kept >= 0.5 else y_t
+        assert [getattr(r, lab) for lab in labels] == want.tolist()
+        assert 0 <= r.head_specific_kept <= 1
 
 
 def test_fuse_is_deterministic_and_resumes_identically(tmp_path, trained, monkeypatch):

@@ -135,7 +135,8 @@ def test_train_needs_an_encoded_run(tmp_path):
 @pytest.mark.slow
 def test_short_real_run_on_isic_latents(tmp_path, isic_dir, taesd_path):
     """TAESD latents of real ISIC images: the loss falls, imitation sharpens the code from one generation to the
-    next, and the code carries the image (reconstruction far better than the untrained model and the mean latent)."""
+    next, C learns the labels from the code, and the code keeps carrying the image (the untrained E is already the
+    k-means quantiser of the latent, so reconstruction must stay within the issue's bars while C learns)."""
     manifest = subset_manifest(isic_dir, tmp_path / "in" / "isic.csv", per_label=20, splits=("train", "val"))
     run = tmp_path / "run"
     run_encode(DataConfig(data=str(manifest)), VAEConfig(vae=str(taesd_path)), EncodeConfig(), str(run), **QUIET)
@@ -148,6 +149,7 @@ def test_short_real_run_on_isic_latents(tmp_path, isic_dir, taesd_path):
     assert [g["generation"] for g in gens] == [0, 1, 2]
     assert gens[-1]["sparsity"] > gens[0]["sparsity"] and gens[-1]["sparsity"] > 0.7
     init, last = rec["init"], rec["last"]
-    assert last["recon_rel_l1"] < init["recon_rel_l1"] and last["recon_rel_l1_hard"] < 0.7
+    assert last["recon_rel_l1"] <= 0.5 and last["recon_rel_l1_hard"] <= 0.6
+    assert last["val_map"] > init["map"] + 0.05
     assert last["imitation_agreement"] > 0.5
     assert last["psnr_val"]["soft"] > last["psnr_val"]["mean_latent"] + 5

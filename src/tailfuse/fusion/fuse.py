@@ -33,6 +33,22 @@ def splice(code_t: torch.Tensor, code_h: torch.Tensor, take_tail: torch.Tensor) 
     return torch.where(take_tail[:, None], code_t, code_h)
 
 
+@torch.no_grad()
+def fuse_latents(model, z_t: torch.Tensor, z_h: torch.Tensor, take_tail: torch.Tensor, code: str = "hard",
+                 detail: str = "none") -> torch.Tensor:
+    """Fuse two batches of latents through the sparse code: splice their codes (one-hot symbols for ``hard``,
+    probabilities for ``soft``) by ``take_tail`` and decode with D. ``detail='residual'`` adds back, at every
+    position, what the code does not carry of the sample that position comes from (z - D(code(z)))."""
+    if code == "hard":
+        c_t, c_h = model.hard_code(z_t), model.hard_code(z_h)
+    else:
+        c_t, c_h = model.code(z_t), model.code(z_h)
+    fused = model.decode(splice(c_t, c_h, take_tail))
+    if detail == "residual":
+        fused = fused + splice(z_t - model.decode(c_t), z_h - model.decode(c_h), take_tail)
+    return fused
+
+
 def plan(tail_rows: dict[str, list[int]], counts: dict[str, int], k: int) -> list[tuple[str, int, int, int]]:
     """Which (tail label, tail row, neighbour rank, repeat) makes each synthetic sample.
 

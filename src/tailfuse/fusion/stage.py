@@ -24,11 +24,11 @@ from ..config import FuseConfig, stable_hash
 from ..errors import TailfuseError
 from ..store import RunStore, ShardSet, file_sha256, now, open_stage, save_tensors_atomic, write_csv_atomic
 from ..train import load_model
-from .fuse import draw_thresholds, fusion_masks, plan, sample_generator, splice
+from .fuse import draw_thresholds, fuse_latents, fusion_masks, plan, sample_generator
 from .neighbours import INDEX_KINDS, nearest
 from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, saliency_targets
 
-POLICIES = ("union", "tail")
+POLICIES = ("union", "kept", "tail")
 
 
 def _validate(cfg: FuseConfig) -> None:
@@ -194,7 +194,6 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
         raise TailfuseError("nothing to make: the requested counts are 0 for every tail label.")
     nb = {(int(r.tail_row), int(r.rank)): r for r in neigh.itertuples()}
     k_eff = int(neigh["rank"].max()) + 1
-    row_sample = dict(zip(table["row_id"], table["sample_id"]))
 
     if rec is None:
         rec = {"stage": stage, "status": "running", "config_hash": config_hash, "model": cfg.model, "generation": gen,
@@ -204,7 +203,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     done = sum(min(cfg.shard_size, len(items) - int(k) * cfg.shard_size) for k in rec["shards"])
     bar = tqdm(total=len(items), initial=done, desc=f"fuse {cfg.name}", unit="sample", disable=not progress, file=sys.stderr)
     t0 = time.time()
-    sal_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "layer": cfg.cam_layer, "inputs": enc["inputs_hash"]})
+    sal_hash = store.stage(f"saliency-{sal_folder.name}")["config_hash"]
     try:
         for si in range(n_shards):
             if str(si) in rec["shards"] and (out / rec["shards"][str(si)]["file"]).is_file():
@@ -229,27 +228,21 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                     q1s.append(float(q1)), q2s.append(float(q2))
                     takes.append(mk["take_tail"]), ts.append(mk["T"]), gs.append(mk["G"])
                 take = torch.cat(takes)
-                with torch.no_grad():
-                    if cfg.code == "hard":
-                        c_t, c_h = model.hard_code(z_t), model.hard_code(z_h)
-                    else:
-                        c_t, c_h = model.code(z_t), model.code(z_h)
-                    fused = model.decode(splice(c_t, c_h, take))
-                    if cfg.detail == "residual":
-                        # what the code does not carry (z - D(code)) comes back from the sample each position is from
-                        fused = fused + splice(z_t - model.decode(c_t), z_h - model.decode(c_h), take)
+                fused = fuse_latents(model, z_t, z_h, take, cfg.code, cfg.detail)
                 lats.append(fused)
                 masks.append(take.to(torch.uint8))
                 share = take.float().mean((1, 2)).numpy()
                 t_share = torch.cat(ts).float().mean((1, 2)).numpy()
                 g_share = torch.cat(gs).float().mean((1, 2)).numpy()
+                head_specific = ~torch.cat(gs)  # the head map's salient region (S_h >= q2)
+                kept = ((~take & head_specific).float().sum((1, 2)) / head_specific.float().sum((1, 2)).clamp_min(1)).numpy()
                 for j, ((lab, row, rank, rep), n) in enumerate(zip(part, nrows)):
                     y_t = samples.loc[t_ids[j], labels].to_numpy(dtype=np.int64)
                     y_h = samples.loc[h_ids[j], labels].to_numpy(dtype=np.int64)
                     if not multi:
                         y = np.zeros(len(labels), dtype=np.int64)
                         y[labels.index(lab)] = 1
-                    elif cfg.labels_policy == "union":
+                    elif cfg.labels_policy == "union" or (cfg.labels_policy == "kept" and kept[j] >= 0.5):
                         y = np.maximum(y_t, y_h)
                     else:
                         y = y_t
@@ -260,7 +253,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
                         "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
                         "detail": cfg.detail, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
-                        "head_generic_share": float(g_share[j]), "code": cfg.code, "cam": cfg.cam,
+                        "head_generic_share": float(g_share[j]), "head_specific_kept": float(kept[j]), "code": cfg.code, "cam": cfg.cam,
                         "saliency_norm": cfg.saliency_norm, "model": cfg.model, "generation": gen,
                         "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,
                         "fuse_hash": config_hash,
