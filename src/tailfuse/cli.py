@@ -61,7 +61,7 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--saliency-norm", choices=["rank", "minmax"], help="map normalisation before thresholds (default rank)")
     g.add_argument("--saliency-smooth", type=float, help="Gaussian blur of the maps before thresholds, sigma in latent positions (default 1; 0 turns it off)")
     g.add_argument("--q-spread", type=float, help="q1, q2 ~ N(0.5, q-spread) (default 0.1)")
-    g.add_argument("--fill-prob", type=float, help="tail probability where the rule leaves the choice open (default 0.5)")
+    g.add_argument("--fill-prob", type=float, help="tail probability where the rule leaves the choice open (default 0.9)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--name", help="output folder in the run (default synthetic)")
 
