@@ -14,7 +14,6 @@ from .config import load_yaml, resolve
 from .errors import TailfuseError
 from .evaluate.cli_args import add_evaluate_parser, cmd_evaluate
 
-DEFAULT_RUN = "tailfuse-run"
 
 
 def _csv_list(s: str) -> list[str]:
