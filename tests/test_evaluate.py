@@ -318,6 +318,21 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
     assert (ev / "per_label_ap.png").stat().st_size > 0 and (ev / "class_histograms.png").stat().st_size > 0
 
 
+def test_optional_kept_arm_labels_follow_the_kept_head_region(ml_run, ml_results):
+    cfg = EvaluateConfig(seeds=[0], per_class=4, epochs=5, bootstrap=0, quality=False, arms=["real", "tailfuse-kept"])
+    res = run_evaluate(str(ml_run), cfg, **QUIET)
+    assert res["arms"]["tailfuse-kept"]["n_added"] == 8
+    table = pd.read_csv(ml_run / "eval" / "tailfuse-kept" / "samples.csv")
+    samples = RunStore(ml_run).samples().set_index("sample_id")
+    for _, r in table.iterrows():
+        y_t = samples.loc[r["tail_sample_id"], ["a", "b", "t1", "t2"]].to_numpy(int)
+        y_h = samples.loc[r["head_sample_id"], ["a", "b", "t1", "t2"]].to_numpy(int)
+        want = np.maximum(y_t, y_h) if r["head_specific_kept"] >= 0.5 else y_t
+        assert (r[["a", "b", "t1", "t2"]].to_numpy(int) == want).all()
+    with pytest.raises(TailfuseError, match="unknown arm"):
+        run_evaluate(str(ml_run), EvaluateConfig(arms=["real", "nope"]), **QUIET)
+
+
 def test_rerun_is_cached_and_identical(ml_run, ml_results):
     res, first = ml_results
     cfg = EvaluateConfig(seeds=[0, 1, 2], per_class=4, epochs=5, bootstrap=50, quality=False,

@@ -35,6 +35,7 @@ FUSION_ARMS = {
     "tailfuse": {"model": "train"},
     "tailfuse-no-imitation": {"model": "train-no-imitation"},
     "reference": {"model": "train", "cam": "eigencam", "labels_policy": "tail"},
+    "tailfuse-kept": {"model": "train", "labels_policy": "kept"},
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .config import ARMS, CLASSIFIERS, EvaluateConfig
+from .config import ARMS, CLASSIFIERS, OPTIONAL_ARMS, EvaluateConfig
 
 
 def _csv(s: str) -> list[str]:
@@ -32,7 +32,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with a section 'evaluate' (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("arms and classifier")
-    g.add_argument("--arms", type=_csv, help=f"comma-separated arms (default all: {','.join(ARMS)})")
+    g.add_argument("--arms", type=_csv, help=f"comma-separated arms (default: {','.join(ARMS)}; also {','.join(OPTIONAL_ARMS)})")
     g.add_argument("--seeds", type=_int_csv, help="comma-separated classifier seeds (default 0,1,2)")
     g.add_argument("--classifier", choices=list(CLASSIFIERS), help="linear head on frozen EfficientNet-Lite0 features (default), finetune (all layers), cnn (small CNN from scratch)")
     g.add_argument("--epochs", type=int, help="training epochs (default: linear 60, finetune 8, cnn 30)")

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ARMS = ("real", "reweight", "oversample", "smote", "mixup", "tailfuse", "tailfuse-no-imitation", "reference")
+# arms run only when named with --arms: tailfuse with the `kept` label policy (multi-label data; on multi-class data
+# it equals `tailfuse`)
+OPTIONAL_ARMS = ("tailfuse-kept",)
 # arms whose new samples are PNG images (made once per run, seed ``data_seed``) rather than rows or feature mixes
-IMAGE_ARMS = ("smote", "tailfuse", "tailfuse-no-imitation", "reference")
+IMAGE_ARMS = ("smote", "tailfuse", "tailfuse-no-imitation", "reference", "tailfuse-kept")
 CLASSIFIERS = ("linear", "finetune", "cnn")
 DEFAULT_EPOCHS = {"linear": 60, "finetune": 8, "cnn": 30}
 

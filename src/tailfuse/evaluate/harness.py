@@ -24,6 +24,7 @@ Arms (same classifier, schedule and seeds):
   tailfuse               + fusion with the 'train' model and default fuse settings, decoded (PNG + manifest)
   tailfuse-no-imitation  + the same with the 'train-no-imitation' model (no iterated learning)
   reference              + fusion with the reference code's choices (EigenCAM, `tail` label policy)
+  tailfuse-kept          (only when named) + tailfuse with the `kept` label policy (multi-label data)
 Every augmentation arm adds the same number of new samples per tail label (``resample.budget``; default: top each
 tail label up to the median head-label train count, at most 5x its real count). Synthetic images enter training as
 a user would add them: PNG files plus manifest rows (``<run>/eval/<arm>/``). The image arms' sets are made once
@@ -65,16 +66,16 @@ from ..errors import TailfuseError
 from ..store import RunStore, now, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import TrainSet, class_weights, fit_images, fit_linear
-from .config import ARMS, CLASSIFIERS, DEFAULT_EPOCHS, IMAGE_ARMS, EvaluateConfig
+from .config import ARMS, CLASSIFIERS, DEFAULT_EPOCHS, IMAGE_ARMS, OPTIONAL_ARMS, EvaluateConfig
 from .resample import budget, mixup_pairs, oversample_rows
 
 DEFAULT_LR = {"linear": 1e-3, "finetune": 1e-4, "cnn": 1e-3}
 
 
 def validate(cfg: EvaluateConfig) -> None:
-    unknown = [a for a in cfg.arms if a not in ARMS]
+    unknown = [a for a in cfg.arms if a not in ARMS + OPTIONAL_ARMS]
     if unknown:
-        raise TailfuseError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}.")
+        raise TailfuseError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS + OPTIONAL_ARMS)}.")
     if not cfg.arms:
         raise TailfuseError("no arm to evaluate; --arms takes a comma-separated list.")
     if len(set(cfg.arms)) != len(cfg.arms) or len(set(cfg.seeds)) != len(cfg.seeds):
