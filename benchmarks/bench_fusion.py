@@ -69,7 +69,7 @@ def pairwise_mean(x: torch.Tensor, max_n: int = 400, seed: int = 0) -> float:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_n]]
     d = torch.cdist(x, x)
     n = len(x)
-    return float(d.sum() / (n * (n - 1))) if n > 1 else float("nan")
+    return float(d.sum() / (n * (n - 1))) if n > 1 else None  # undefined for a single image
 
 
 def sobel_energy(img: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ def main() -> None:
         d_syn = pairwise_mean(syn_lat[idx])
         d_real = pairwise_mean(shards.get(real_ids))
         per_label[lab] = {"n_synthetic": int(len(idx)), "n_real_train": int(len(real_ids)),
-                          "pairwise_synthetic": d_syn, "pairwise_real": d_real, "diversity_ratio": d_syn / d_real,
+                          "pairwise_synthetic": d_syn, "pairwise_real": d_real, "diversity_ratio": d_syn / d_real if d_syn and d_real else None,
                           "tail_share_mean": float(syn["tail_share"].to_numpy()[idx].mean()),
                           "tail_share_p10_p90": [float(np.percentile(syn["tail_share"].to_numpy()[idx], q)) for q in (10, 90)]}
 
@@ -306,7 +306,8 @@ def main() -> None:
                if "ap_real_test" in r else r.get("fidelity_note", "-"))
         top = f"{r['top1_synthetic']:.2f} / {r['top1_real_test']:.2f}" if "top1_real_test" in r else "-"
         seam = f"{r['seam_ratio_synthetic']:.2f} ({r['seam_ratio_reference']:.2f}), n={r['seam_n']}" if r.get("seam_ratio_synthetic") else "-"
-        md.append(f"| {lab} | {r['n_synthetic']} | {r['diversity_ratio']:.2f} | {r['tail_share_mean']:.2f} ({r['tail_share_p10_p90'][0]:.2f}-{r['tail_share_p10_p90'][1]:.2f}) | {fid} | {top} | {seam} |")
+        div = f"{r['diversity_ratio']:.2f}" if r["diversity_ratio"] is not None else f"n/a ({r['n_real_train']} real train image)"
+        md.append(f"| {lab} | {r['n_synthetic']} | {div} | {r['tail_share_mean']:.2f} ({r['tail_share_p10_p90'][0]:.2f}-{r['tail_share_p10_p90'][1]:.2f}) | {fid} | {top} | {seam} |")
     md += ["", "Memory (peak RSS of each command in its own process):", "", "| per class | samples | fuse MB | decode MB | fuse s | decode s |", "|---|---|---|---|---|---|"]
     for m in mem.values():
         md.append(f"| {m['per_class']} | {m['n_synthetic']} | {m['fuse_peak_rss_mb']} | {m['decode_peak_rss_mb']} | {m['fuse_seconds']} | {m['decode_seconds']} |")

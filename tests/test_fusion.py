@@ -76,6 +76,28 @@ def test_fuse_latents_codes_and_residual_detail():
     assert not torch.allclose(mixed, z_t) and not torch.allclose(mixed, z_h)
 
 
+def test_feathering_mixes_only_near_borders():
+    from tailfuse.fusion.fuse import feather_weights
+    from tailfuse.sparse.nets import SparseModel
+
+    torch.manual_seed(0)
+    m = SparseModel(4, 3, False, 8, 4, 0.5, 8, 1, 8, 1, 8).eval()
+    z_t, z_h = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    half = torch.zeros(2, 16, 16, dtype=torch.bool)
+    half[:, :, :8] = True
+    w = feather_weights(half, 1.0)[:, 0]
+    torch.testing.assert_close(w[:, :, :4], torch.ones(2, 16, 4), atol=1e-6, rtol=0)  # 3 sigma from the border
+    torch.testing.assert_close(w[:, :, 12:], torch.zeros(2, 16, 4), atol=1e-6, rtol=0)
+    assert ((w[:, :, 6:10] > 0) & (w[:, :, 6:10] < 1)).all()  # mixed only near the border
+    assert torch.equal(feather_weights(half, 0)[:, 0], half.float())
+    # nothing to feather: one source everywhere gives that source back, as without feathering
+    every = torch.ones(2, 16, 16, dtype=torch.bool)
+    torch.testing.assert_close(fuse_latents(m, z_t, z_h, every, detail="residual", feather=1.0), z_t, atol=1e-5, rtol=0)
+    plain = fuse_latents(m, z_t, z_h, half, detail="residual")
+    soft = fuse_latents(m, z_t, z_h, half, detail="residual", feather=1.0)
+    assert not torch.allclose(plain, soft)
+
+
 def test_gaussian_smoothing_keeps_mass_and_makes_regions():
     m = torch.zeros(1, 16, 16)
     m[0, 8, 8] = 1

@@ -122,6 +122,8 @@ class FuseConfig:
     # (benchmarks/results/fusion-*): without it the synthetic images were blurred and ranked as their tail label at
     # 0.09-0.45 of the real images' AP; with it 0.2-1.1.
     detail: str = "residual"
+    feather: float = 0.0  # > 0: mix the two codes (and residuals) near mask borders, weights = the mask blurred by
+    # a Gaussian of this sigma (latent positions); 0: a hard splice
     saliency_norm: str = "rank"  # rank (quantiles within each map) | minmax
     saliency_smooth: float = 1.0  # Gaussian blur of the maps (sigma, in latent positions) before thresholds: fewer
     # isolated one-position islands in the masks (0 turns it off)

@@ -33,19 +33,39 @@ def splice(code_t: torch.Tensor, code_h: torch.Tensor, take_tail: torch.Tensor) 
     return torch.where(take_tail[:, None], code_t, code_h)
 
 
+def feather_weights(take_tail: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Weight of the tail sample per position (N x 1 x h x w): the mask itself, or, with ``sigma`` > 0, the mask
+    blurred by a Gaussian of ``sigma`` positions, so positions near a border between the two sources mix them."""
+    if sigma <= 0:
+        return take_tail.float()[:, None]
+    from .saliency import gaussian_smooth
+
+    return gaussian_smooth(take_tail.float(), sigma).clamp(0, 1)[:, None]
+
+
 @torch.no_grad()
 def fuse_latents(model, z_t: torch.Tensor, z_h: torch.Tensor, take_tail: torch.Tensor, code: str = "hard",
-                 detail: str = "none") -> torch.Tensor:
+                 detail: str = "none", feather: float = 0.0) -> torch.Tensor:
     """Fuse two batches of latents through the sparse code: splice their codes (one-hot symbols for ``hard``,
     probabilities for ``soft``) by ``take_tail`` and decode with D. ``detail='residual'`` adds back, at every
-    position, what the code does not carry of the sample that position comes from (z - D(code(z)))."""
+    position, what the code does not carry of the sample that position comes from (z - D(code(z))).
+
+    ``feather`` > 0 softens the borders: near a border the code is the convex mix ``w c_t + (1 - w) c_h`` of the two
+    codes (still a point of the simplex) and the residuals mix the same way, with ``w`` the mask blurred by a
+    Gaussian of ``feather`` positions; away from borders nothing changes."""
     if code == "hard":
         c_t, c_h = model.hard_code(z_t), model.hard_code(z_h)
     else:
         c_t, c_h = model.code(z_t), model.code(z_h)
-    fused = model.decode(splice(c_t, c_h, take_tail))
+    if feather <= 0:
+        fused = model.decode(splice(c_t, c_h, take_tail))
+        if detail == "residual":
+            fused = fused + splice(z_t - model.decode(c_t), z_h - model.decode(c_h), take_tail)
+        return fused
+    w = feather_weights(take_tail, feather)
+    fused = model.decode(w * c_t + (1 - w) * c_h)
     if detail == "residual":
-        fused = fused + splice(z_t - model.decode(c_t), z_h - model.decode(c_h), take_tail)
+        fused = fused + w * (z_t - model.decode(c_t)) + (1 - w) * (z_h - model.decode(c_h))
     return fused
 
 

@@ -44,6 +44,8 @@ def _validate(cfg: FuseConfig) -> None:
         raise TailfuseError(f"--detail '{cfg.detail}' unknown; choose none or residual.")
     if cfg.code not in ("hard", "soft"):
         raise TailfuseError(f"--code '{cfg.code}' unknown; choose hard or soft.")
+    if not 0 <= cfg.feather <= 4:
+        raise TailfuseError(f"--feather {cfg.feather} out of range; give a sigma in latent positions from 0 (off) to 4.")
     if cfg.saliency_norm not in ("rank", "minmax"):
         raise TailfuseError(f"--saliency-norm '{cfg.saliency_norm}' unknown; choose rank or minmax.")
     if cfg.per_class is not None and cfg.balance_to is not None:
@@ -228,7 +230,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                     q1s.append(float(q1)), q2s.append(float(q2))
                     takes.append(mk["take_tail"]), ts.append(mk["T"]), gs.append(mk["G"])
                 take = torch.cat(takes)
-                fused = fuse_latents(model, z_t, z_h, take, cfg.code, cfg.detail)
+                fused = fuse_latents(model, z_t, z_h, take, cfg.code, cfg.detail, cfg.feather)
                 lats.append(fused)
                 masks.append(take.to(torch.uint8))
                 share = take.float().mean((1, 2)).numpy()
@@ -252,7 +254,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         "tail_path": samples.loc[t_ids[j], "path"], "head_path": samples.loc[h_ids[j], "path"],
                         "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
                         "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
-                        "detail": cfg.detail, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
+                        "detail": cfg.detail, "feather": cfg.feather, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
                         "head_generic_share": float(g_share[j]), "head_specific_kept": float(kept[j]), "code": cfg.code, "cam": cfg.cam,
                         "saliency_norm": cfg.saliency_norm, "model": cfg.model, "generation": gen,
                         "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,
