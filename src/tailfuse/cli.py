@@ -57,7 +57,7 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data: tail + head sample's labels (union, default), the head's only when at least half of its salient region was kept (kept), or the tail sample's only (tail)")
     g.add_argument("--code", choices=["hard", "soft"], help="splice one-hot symbols (hard, default) or code probabilities")
     g.add_argument("--detail", choices=["none", "residual"], help="add back what the code does not carry (z - D(code)) from each position's source (default residual)")
-    g.add_argument("--feather", type=float, help="mix the two sources near mask borders: sigma of the blurred mask, in latent positions (default 0: hard splice)")
+    g.add_argument("--feather", type=float, help="mix the two sources near mask borders: sigma of the blurred mask, in latent positions (default 1; 0: hard splice)")
     g.add_argument("--saliency-norm", choices=["rank", "minmax"], help="map normalisation before thresholds (default rank)")
     g.add_argument("--saliency-smooth", type=float, help="Gaussian blur of the maps before thresholds, sigma in latent positions (default 1; 0 turns it off)")
     g.add_argument("--q-spread", type=float, help="q1, q2 ~ N(0.5, q-spread) (default 0.1)")
