@@ -284,7 +284,9 @@ def main() -> None:
     peak = lambda m: max(m["fuse_peak_rss_mb"], m["decode_peak_rss_mb"])  # noqa: E731
     result = {
         "command": f"python benchmarks/bench_fusion.py --run {args.run} --tag {args.tag} --per-class {args.per_class}"
-        + (f" --fuse-args '{args.fuse_args}'" if args.fuse_args else ""),
+        + (f" --name {args.name}" if args.name != "synthetic" else "")
+        + (f" --fuse-args '{args.fuse_args}'" if args.fuse_args else "")
+        + (" --no-memory" if args.no_memory else f" --memory-base {args.memory_base}"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "fuse_config": store.config().get(f"fuse-{args.name}"),
         "n_synthetic": n_syn, "n_unique_images": len(digests),
