@@ -117,7 +117,7 @@ class FuseConfig:
     labels_policy: str = "union"  # union (tail + head labels) | kept (head labels only if >= half of the head map's
     # salient region was kept) | tail (tail labels only); multi-class data: the tail label only, whatever the policy
     code: str = "hard"  # hard (one-hot symbols) | soft (code probabilities) are spliced
-    # residual (default): D(fused code) plus each position's own z - D(code(z)), so texture the 32-symbol code does not
+    # residual (default): D(fused code) plus each position's own z - D(code(z)), so texture the 64-symbol code does not
     # carry comes back from the image the position is taken from; none: D(fused code) only. Measured on ISIC2018-LT
     # (benchmarks/results/fusion-*): without it the synthetic images were blurred and ranked as their tail label at
     # 0.09-0.45 of the real images' AP; with it 0.2-1.1.

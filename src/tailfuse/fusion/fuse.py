@@ -57,12 +57,7 @@ def fuse_latents(model, z_t: torch.Tensor, z_h: torch.Tensor, take_tail: torch.T
         c_t, c_h = model.hard_code(z_t), model.hard_code(z_h)
     else:
         c_t, c_h = model.code(z_t), model.code(z_h)
-    if feather <= 0:
-        fused = model.decode(splice(c_t, c_h, take_tail))
-        if detail == "residual":
-            fused = fused + splice(z_t - model.decode(c_t), z_h - model.decode(c_h), take_tail)
-        return fused
-    w = feather_weights(take_tail, feather)
+    w = feather_weights(take_tail, feather)  # 0/1 without feathering: the mix is then exactly the splice
     fused = model.decode(w * c_t + (1 - w) * c_h)
     if detail == "residual":
         fused = fused + w * (z_t - model.decode(c_t)) + (1 - w) * (z_h - model.decode(c_h))
