@@ -1,11 +1,15 @@
-"""Evaluation benchmark (issue 5): the full downstream table of one run folder, copied into benchmarks/results/.
+"""Evaluation benchmark: the full downstream table of one run folder, copied into benchmarks/results/.
 
     python benchmarks/bench_evaluate.py --run runs/bench-isic --tag isic2018_lt [--threads 2] [-- evaluate flags]
+    python benchmarks/bench_evaluate.py --data ../shared/data/isic2018_lt/manifest.csv --vae ../shared/models/taesd \
+        --run runs/bench-isic --tag isic2018_lt-5fold -- --folds 5 --budgets 0.5,1,2,5
+    python benchmarks/bench_evaluate.py --data elpv --vae ../shared/models/taesd --run runs/bench-elpv --tag elpv
 
-Needs a run folder with a finished encode and a trained 'train' model (see bench_train.py); the
-'train-no-imitation' model is trained by `tailfuse evaluate` when missing (its time is reported apart, outside the
-evaluation budget). Runs `tailfuse evaluate --run <run>` with the default protocol (all arms, seeds 0,1,2, linear
-head on frozen EfficientNet-Lite0 features) plus any flags given after `--`, then copies
+With ``--data`` (a manifest, or ``elpv`` for the whole ELPV set of the PyPI package elpv-dataset, its cell type as
+metadata), the run folder is prepared first when needed: `tailfuse encode` and `tailfuse train` with defaults (each
+skipped when done). The 'train-no-imitation' model is trained by `tailfuse evaluate` when an arm needs it (its time
+is reported apart). Runs `tailfuse evaluate --run <run>` with the default protocol plus any flags given after `--`,
+then copies
 
     <run>/eval/results.json -> benchmarks/results/evaluate-<tag>.json
     <run>/eval/results.md   -> benchmarks/results/evaluate-<tag>.md
@@ -34,6 +38,26 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from tailfuse.evaluate.cli_args import add_evaluate_parser, cmd_evaluate  # noqa: E402
 
 
+def prepare(run: Path, data: str, vae: str | None, threads: int) -> dict:
+    """encode + train with defaults into ``run`` (each skipped when done); the ELPV manifest when data == 'elpv'."""
+    import subprocess
+
+    if data == "elpv":
+        from tailfuse.demo import elpv_manifest
+
+        data = str(elpv_manifest(run.parent / f"{run.name}-data" / "manifest.csv", head_cap=None))
+        extra = ["--metadata-columns", "cell_type"]
+    else:
+        extra = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = {"data": data}
+    for stage, args in (("encode", ["--data", data, *extra, *(["--vae", vae] if vae else [])]), ("train", [])):
+        t = time.time()
+        subprocess.run([sys.executable, "-m", "tailfuse", stage, "--run", str(run), *args, "--quiet"], check=True, env=env)
+        out[f"{stage}_wall_seconds_this_call"] = round(time.time() - t, 1)
+    return out
+
+
 def main() -> int:
     argv = sys.argv[1:]
     extra = []
@@ -41,7 +65,9 @@ def main() -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="run folder (encode + train done)")
+    ap.add_argument("--run", required=True, help="run folder (encode + train done, or made with --data)")
+    ap.add_argument("--data", help="manifest to encode into --run first (or 'elpv': the whole ELPV set)")
+    ap.add_argument("--vae", help="VAE folder for --data (default $TAILFUSE_VAE)")
     ap.add_argument("--tag", required=True, help="name of the result files (e.g. isic2018_lt)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--fresh", action="store_true", help="drop cached arm results first (features stay cached)")
@@ -49,6 +75,8 @@ def main() -> int:
     ap.add_argument("--note", help="a sentence written into both result files (conditions of the measurement)")
     a = ap.parse_args(argv)
     run = Path(a.run)
+    load_start = os.getloadavg()
+    prep = prepare(run, a.data, a.vae, a.threads) if a.data else None
     if a.fresh and (run / "eval" / "cache").is_dir():
         shutil.rmtree(run / "eval" / "cache")
     p = argparse.ArgumentParser(prog="tailfuse")
@@ -69,7 +97,9 @@ def main() -> int:
         "wall_seconds": round(wall, 1),
         # CPU time of this process (user + system); with 2 cores and no other load, wall ~ cpu / 2
         "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "load_average_at_start": load_start,
         "load_average_at_end": os.getloadavg(),
+        "prepared": prep,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "torch_threads": a.threads},
         "seconds_per_arm": {arm: e.get("seconds") for arm, e in res["arms"].items()},
@@ -79,7 +109,7 @@ def main() -> int:
     md = (run / "eval" / "results.md").read_text()
     note = (f"\nProduced by `{bench_cmd}` (wall {wall / 60:.1f} min on {os.cpu_count()} CPUs, {a.threads} torch "
             f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; load average at the "
-            f"end {', '.join(f'{x:.1f}' for x in os.getloadavg())}).\n" + (f"\n{a.note}\n" if a.note else ""))
+            f"start {', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}).\n" + (f"\n{a.note}\n" if a.note else ""))
     (out / f"evaluate-{a.tag}.md").write_text(md + note)
     for png in sorted((run / "eval").glob("*.png")):
         shutil.copy(png, out / f"evaluate-{a.tag}-{png.name}")

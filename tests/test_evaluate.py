@@ -15,7 +15,7 @@ from tailfuse.config import DataConfig, EncodeConfig, TrainConfig, VAEConfig
 from tailfuse.encode import run_encode
 from tailfuse.errors import TailfuseError
 from tailfuse.evaluate import metrics as M
-from tailfuse.evaluate.classifier import TrainSet, class_weights, fit_images, fit_linear
+from tailfuse.evaluate.classifier import DEFAULT_C_GRID, TrainSet, class_weights, fit_images, fit_linear
 from tailfuse.evaluate.cli_args import add_evaluate_parser, cmd_evaluate
 from tailfuse.evaluate.config import ARMS, EvaluateConfig
 from tailfuse.evaluate.harness import run_evaluate
@@ -198,19 +198,83 @@ def _separable(n=120, seed=0):
     return x, np.eye(3, dtype=np.float32)[cls]
 
 
-def test_linear_head_learns_is_seeded_and_selects_on_val():
+def test_linear_classifier_learns_is_deterministic_and_selects_c_on_val():
     x, y = _separable()
     tr, va, te = np.arange(80), np.arange(80, 100), np.arange(100, 120)
     ts = TrainSet(tr, tr, np.ones(80), y[tr])
-    kw = dict(multi_label=False, weights=None, epochs=15, lr=1e-2, weight_decay=1e-4, batch_size=16)
-    p1, info = fit_linear(x, ts, va, y[va], te, seed=0, **kw)
-    p2, _ = fit_linear(x, ts, va, y[va], te, seed=0, **kw)
-    p3, _ = fit_linear(x, ts, va, y[va], te, seed=1, **kw)
-    assert np.array_equal(p1, p2) and not np.array_equal(p1, p3)
-    assert (p1.argmax(1) == y[te].argmax(1)).mean() > 0.8 and np.allclose(p1.sum(1), 1, atol=1e-5)
-    assert info["val_map"] == pytest.approx(max(v for v in info["val_map_history"] if v is not None), abs=1e-5)
-    pm, _ = fit_linear(x, ts, va, y[va], te, seed=0, **{**kw, "multi_label": True})
+    p1, info = fit_linear(x, ts, va, y[va], te, multi_label=False, weights=None)
+    p2, _ = fit_linear(x, ts, va, y[va], te, multi_label=False, weights=None)
+    assert np.array_equal(p1, p2)
+    assert np.mean(M.average_precision(y[te], p1)) > 0.9 and np.allclose(p1.sum(1), 1, atol=1e-5)
+    assert set(info["val_map_by_c"]) == {f"{c:g}" for c in DEFAULT_C_GRID}
+    assert info["val_map"] == pytest.approx(max(v for v in info["val_map_by_c"].values() if v is not None), abs=1e-5)
+    assert info["val_map_by_c"][f"{info['c']:g}"] == pytest.approx(info["val_map"], abs=1e-5)
+    pm, _ = fit_linear(x, ts, va, y[va], te, multi_label=True, weights=None)
     assert not np.allclose(pm.sum(1), 1)  # sigmoids
+
+
+def test_linear_classifier_equals_scikit_learn_logistic_regression():
+    """The harness's classifier is scikit-learn's LogisticRegression on standardised features at the chosen C: its
+    test probabilities equal a plain LogisticRegression fit (the check asked of the evaluation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = _separable(n=150)
+    tr, va, te = np.arange(90), np.arange(90, 120), np.arange(120, 150)
+    p, info = fit_linear(x, TrainSet(tr, tr, np.ones(90), y[tr]), va, y[va], te, multi_label=False, weights=None,
+                         c_grid=[0.01, 0.1])
+    sc = StandardScaler().fit(x[tr])
+    ref = LogisticRegression(C=info["c"], max_iter=2000, tol=1e-8).fit(sc.transform(x[tr]), y[tr].argmax(1))
+    np.testing.assert_allclose(p, ref.predict_proba(sc.transform(x[te])), atol=2e-3)
+    # multi-label: one binary model per label
+    ym = (np.random.default_rng(3).random((150, 2)) < 0.4).astype(np.float32)
+    ym[:, 0] = np.maximum(ym[:, 0], y[:, 0])
+    pm, im = fit_linear(x, TrainSet(tr, tr, np.ones(90), ym[tr]), va, ym[va], te, multi_label=True, weights=None,
+                        c_grid=[0.05])
+    for j in range(2):
+        ref = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8).fit(sc.transform(x[tr]), ym[tr, j])
+        np.testing.assert_allclose(pm[:, j], ref.predict_proba(sc.transform(x[te]))[:, 1], atol=2e-3)
+
+
+def test_soft_targets_and_class_weights_enter_as_exact_sample_weights():
+    """Row expansion: the weighted loss of the expanded rows equals the soft-target loss (CE and weighted BCE)."""
+    from tailfuse.evaluate.classifier import _expand_binary, _expand_multiclass
+
+    rng = np.random.default_rng(0)
+    n, k = 12, 3
+    x = rng.normal(size=(n, 5))
+    logits = torch.tensor(rng.normal(size=(n, k)))
+    y = rng.dirichlet(np.ones(k), n)
+    y[:4] = np.eye(k)[[0, 1, 2, 0]]  # some hard rows
+    w = np.array([1.0, 2.5, 0.5])
+    xs, cls, sw = _expand_multiclass(x, y, w)
+    item = [int(np.flatnonzero((x == r).all(1))[0]) for r in xs]
+    expanded = float((torch.tensor(sw) * torch.nn.functional.cross_entropy(logits[item], torch.tensor(cls),
+                                                                           reduction="none")).sum())
+    soft = float(-(torch.tensor(y * w[None]) * torch.log_softmax(logits, 1)).sum())
+    assert expanded == pytest.approx(soft, rel=1e-9)
+    yj, pw = rng.random(n), 3.0
+    yj[:3] = [0.0, 1.0, 1.0]
+    xs, yb, sw = _expand_binary(x, yj, pw)
+    item = [int(np.flatnonzero((x == r).all(1))[0]) for r in xs]
+    z = logits[item, 0]
+    expanded = float((torch.tensor(sw) * torch.nn.functional.binary_cross_entropy_with_logits(
+        z, torch.tensor(yb, dtype=torch.float64), reduction="none")).sum())
+    want = float(torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[:, 0], torch.tensor(yj), pos_weight=torch.tensor(pw), reduction="sum"))
+    assert expanded == pytest.approx(want, rel=1e-9)
+
+
+def test_separability_auc_is_half_for_one_distribution_and_high_for_two():
+    from tailfuse.evaluate.quality import separability_auc
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(120, 20)), rng.normal(size=(90, 20))
+    same = separability_auc(a, b, seed=0)
+    assert same["n_per_class"] == 90 and abs(same["auc"] - 0.5) < 0.12
+    shifted = separability_auc(a, b + 1.0, seed=0)
+    assert shifted["auc"] > 0.95
+    assert separability_auc(a[:3], b, seed=0)["auc"] is None  # too few for 5 folds
 
 
 @pytest.mark.parametrize("kind", ["cnn", "finetune"])
@@ -270,7 +334,7 @@ def ml_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ml_results(ml_run):
-    cfg = EvaluateConfig(seeds=[0, 1, 2], per_class=4, epochs=5, bootstrap=50, threads=2)
+    cfg = EvaluateConfig(seeds=[0, 1, 2], per_class=4, bootstrap=50, threads=2, budgets=[0.5, 1])
     t = time.time()
     res = run_evaluate(str(ml_run), cfg, **QUIET, command="tailfuse evaluate --run RUN --per-class 4")
     return res, time.time() - t
@@ -292,12 +356,12 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
         want_added = 0 if arm in ("real", "reweight") else 8
         assert e["n_added"] == want_added, arm
     # the same number of new samples per tail label in every augmentation arm
-    for arm in ("oversample", "smote", "mixup", "tailfuse", "tailfuse-no-imitation", "reference"):
+    for arm in ("oversample", "smote", "mixup", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation", "reference"):
         added = on_disk["arms"][arm]["added_positives_per_label"]
         least = 2 if arm == "mixup" else 4  # mixup: soft labels, the tail sample's weight lambda >= 0.5
         assert added["t1"] >= least - 1e-9 and added["t2"] >= least - 1e-9, arm
     # image arms: PNG files + manifest rows under <run>/eval/<arm>
-    for arm in ("smote", "tailfuse", "tailfuse-no-imitation", "reference"):
+    for arm in ("smote", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation", "reference"):
         man = pd.read_csv(ev / arm / "manifest.csv")
         assert (man["split"] == "synthetic").all() and set(man.columns) >= {"path", "a", "b", "t1", "t2"}
         assert all((ev / arm / p).is_file() for p in man["path"])
@@ -309,17 +373,34 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
     ref = pd.read_csv(ev / "reference" / "samples.csv")
     assert (ref["cam"] == "eigencam").all()
     assert RunStore(ml_run).stage("train-no-imitation")["status"] == "done"  # trained because it was missing
+    # the round trip: the tail training images themselves, decoded from their latents, cycled through each label
+    rt = pd.read_csv(ev / "vae-roundtrip" / "provenance.csv")
+    samples = RunStore(ml_run).samples().set_index("sample_id")
+    assert len(rt) == 14 and (rt["tail_label"] == "t1").sum() == 8  # made for the sweep's largest budget (x1)
+    for r in rt.itertuples():
+        assert samples.loc[r.sample_id, "split"] == "train" and samples.loc[r.sample_id, r.tail_label] == 1
+        assert r.path.endswith(f"roundtrip/{r.sample_id:06d}.png")
     q = on_disk["quality"]["sets"]
-    assert set(q) == {"floor (real train)", "smote", "tailfuse", "tailfuse-no-imitation", "reference"}
+    assert set(q) == {"floor (real train)", "smote", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation", "reference"}
     for s in q.values():
         assert s["fid"] >= 0 and s["fd_domain"] >= 0 and s["n_images"] >= 2 and s["n_real_test"] >= 2
+        sep = s["separability"]
+        assert sep["auc"] is None or 0 <= sep["auc"] <= 1
+    # every arm is compared with each control present, and the budget sweep covers every augmentation arm
+    assert set(on_disk["arms"]["tailfuse"]["delta_map_tail"]) == {"real", "oversample", "vae-roundtrip"}
+    sweep = on_disk["sweep"]
+    assert set(sweep) == set(ARMS) - {"real", "reweight"}
+    assert sweep["tailfuse"]["x0.5"]["per_label"] == {"t1": 4, "t2": 3} and sweep["tailfuse"]["x1"]["per_label"] == {"t1": 8, "t2": 6}
+    for rows in sweep.values():
+        assert all(v["map_tail"] is not None and v["delta_vs_real"]["n_test"] == 19 for v in rows.values())
+    assert (ev / "budget_sweep.png").stat().st_size > 0 and "Budget sweep" in (ev / "results.md").read_text()
     md = (ev / "results.md").read_text()
     assert "mAP tail" in md and "tailfuse-no-imitation" in md and "tailfuse evaluate --run RUN" in md
     assert (ev / "per_label_ap.png").stat().st_size > 0 and (ev / "class_histograms.png").stat().st_size > 0
 
 
 def test_optional_kept_arm_labels_follow_the_kept_head_region(ml_run, ml_results):
-    cfg = EvaluateConfig(seeds=[0], per_class=4, epochs=5, bootstrap=0, quality=False, arms=["real", "tailfuse-kept"])
+    cfg = EvaluateConfig(seeds=[0], per_class=4, bootstrap=0, quality=False, arms=["real", "tailfuse-kept"])
     res = run_evaluate(str(ml_run), cfg, **QUIET)
     assert res["arms"]["tailfuse-kept"]["n_added"] == 8
     table = pd.read_csv(ml_run / "eval" / "tailfuse-kept" / "samples.csv")
@@ -335,7 +416,7 @@ def test_optional_kept_arm_labels_follow_the_kept_head_region(ml_run, ml_results
 
 def test_rerun_is_cached_and_identical(ml_run, ml_results):
     res, first = ml_results
-    cfg = EvaluateConfig(seeds=[0, 1, 2], per_class=4, epochs=5, bootstrap=50, quality=False,
+    cfg = EvaluateConfig(seeds=[0, 1, 2], per_class=4, bootstrap=50, quality=False, budgets=[0.5, 1],
                          arms=["real", "oversample", "tailfuse", "smote"])
     t = time.time()
     again = run_evaluate(str(ml_run), cfg, **QUIET)
@@ -351,7 +432,7 @@ def test_multiclass_run_smote_and_cli(tmp_path):
     ap = argparse.ArgumentParser()
     add_evaluate_parser(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["evaluate", "--run", str(run), "--arms", "real,reweight,smote,tailfuse", "--seeds", "0,1",
-                          "--per-class", "5", "--epochs", "3", "--bootstrap", "20", "--no-quality", "--quiet"])
+                          "--per-class", "5", "--bootstrap", "20", "--no-quality", "--quiet"])
     assert cmd_evaluate(args) == 0
     res = json.loads((run / "eval" / "results.json").read_text())
     assert "--per-class 5" in res["command"] and "--no-quality" in res["command"]
@@ -377,3 +458,43 @@ def test_errors(tmp_path, ml_run):
     (run / "stages" / "train-no-imitation.json").unlink(missing_ok=True)
     with pytest.raises(TailfuseError, match="no model 'train-no-imitation'"):
         run_evaluate(str(run), EvaluateConfig(arms=["real", "tailfuse-no-imitation"], train_missing=False), **QUIET)
+
+
+def test_folds_group_and_stratify():
+    from tailfuse.evaluate.folds import _split_groups
+
+    strata = np.array(["t"] * 10 + ["h"] * 30, dtype=object)
+    groups = np.array([f"p{i // 2}" for i in range(40)], dtype=object)  # patients with two images each
+    fold = _split_groups(strata, groups, 5, seed=0)
+    assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g])) == 1  # a patient never spans two folds
+    assert all((strata[fold == k] == "t").sum() >= 1 for k in range(5))  # every fold gets tail images
+
+
+def test_k_fold_evaluation_pools_every_image_once(ml_run):
+    cfg = EvaluateConfig(folds=2, seeds=[0], per_class=3, bootstrap=20, quality=False,
+                         arms=["real", "oversample", "vae-roundtrip", "tailfuse"])
+    res = run_evaluate(str(ml_run), cfg, **QUIET)
+    out = ml_run / "eval" / "folds-2-seed0"
+    assert res["output"] == str(out) and (out / "results.json").is_file() and (out / "results.md").is_file()
+    samples = RunStore(ml_run).samples()
+    with np.load(out / "scores.npz") as z:
+        ids = z["test_ids"]
+        assert sorted(ids.tolist()) == sorted(samples["sample_id"].tolist())  # every image a test image once
+        assert z["tailfuse__main__0"].shape == (len(samples), 4)
+    assert res["dataset"]["n"]["test"] == len(samples) == 90
+    assert res["arms"]["tailfuse"]["delta_map_tail"]["real"]["n_test"] == 90
+    for k in range(2):
+        fold = RunStore(out / f"fold-{k}")
+        assert fold.stage("train")["status"] == "done"  # the sparse model of the fold
+        fs = fold.samples().set_index("sample_id")
+        assert set(fs["split"]) == {"train", "val", "test"}
+        # the fold's synthetic images come from its own training images only
+        prov = pd.read_json(fold.root / "eval" / "tailfuse" / "provenance.jsonl", lines=True)
+        assert (fs.loc[prov["tail_sample_id"], "split"] == "train").all()
+        assert (fs.loc[prov["head_sample_id"], "split"] == "train").all()
+        assert len(fold.latents()) == len(samples)  # read from the parent run, not copied
+        assert not (fold.root / "latents").exists()
+    tests = [set(RunStore(out / f"fold-{k}").samples().query("split == 'test'")["sample_id"]) for k in range(2)]
+    assert not tests[0] & tests[1]

@@ -109,7 +109,13 @@ def test_gaussian_smoothing_keeps_mass_and_makes_regions():
 
 def test_plan_cycles_tail_rows_then_neighbour_ranks_then_repeats():
     items = plan({"A": [10, 11], "B": [20]}, {"A": 5, "B": 0}, k=2)
-    assert items == [("A", 10, 0, 0), ("A", 11, 0, 0), ("A", 10, 1, 0), ("A", 11, 1, 0), ("A", 10, 0, 1)]
+    assert [i[:4] for i in items] == [("A", 10, 0, 0), ("A", 11, 0, 0), ("A", 10, 1, 0), ("A", 11, 1, 0), ("A", 10, 0, 1)]
+    assert [i[4:] for i in items] == [(s, 0) for s in range(5)]  # one candidate per slot
+    # candidates: M per slot, same tail row, the next neighbour ranks; slots numbered over all labels
+    items = plan({"A": [10, 11], "B": [20]}, {"A": 2, "B": 1}, k=3, candidates=3)
+    assert items == [("A", 10, 0, 0, 0, 0), ("A", 10, 1, 0, 0, 1), ("A", 10, 2, 0, 0, 2),
+                     ("A", 11, 0, 0, 1, 0), ("A", 11, 1, 0, 1, 1), ("A", 11, 2, 0, 1, 2),
+                     ("B", 20, 0, 0, 2, 0), ("B", 20, 1, 0, 2, 1), ("B", 20, 2, 0, 2, 2)]
 
 
 def test_saliency_targets_are_always_labels_the_sample_carries():
@@ -178,7 +184,8 @@ def trained(tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "in" / "img" / f"{i}.png")
         a, b = int(i % 2 == 0), int(i % 3 == 0)
         t1, t2 = int(i % 10 == 1), int(i % 15 == 4)
-        rows.append({"path": f"img/{i}.png", "split": "train" if i < 48 else "val", "a": a, "b": b, "t1": t1, "t2": t2})
+        rows.append({"path": f"img/{i}.png", "split": "train" if i < 48 else "val", "a": a, "b": b, "t1": t1, "t2": t2,
+                     "site": "north" if i % 4 < 2 else "south"})
     pd.DataFrame(rows).to_csv(root / "in" / "m.csv", index=False)
     run = root / "run"
     run_encode(DataConfig(data=str(root / "in" / "m.csv"), image_size=64, tail_labels=["t1", "t2"]), VAEConfig(vae=vae),
@@ -288,3 +295,92 @@ def test_fuse_errors(tmp_path, trained):
         run_fuse(str(trained), FuseConfig(model="nope"), **QUIET)
     with pytest.raises(TailfuseError, match="saliency method|--cam"):
         run_fuse(str(trained), FuseConfig(cam="xcam"), **QUIET)
+
+
+def test_candidates_soft_labels_and_neighbours_within(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    rec = run_fuse(str(run), FuseConfig(per_class=4, candidates=3, soft_labels=True, neighbours_within="site",
+                                        name="cand", batch_size=5), **QUIET)
+    assert rec["n_synthetic"] == 24  # 2 tail labels x 4 slots x 3 candidates
+    samples = RunStore(run).samples().set_index("sample_id")
+    syn = pd.read_csv(run / "cand" / "samples.csv")
+    labels = ["a", "b", "t1", "t2"]
+    assert syn.groupby("slot")["candidate"].apply(list).tolist() == [[0, 1, 2]] * 8
+    for slot, g in syn.groupby("slot"):
+        assert g["tail_sample_id"].nunique() == 1 and g["tail_label"].nunique() == 1  # one tail image per slot
+    for r in syn.itertuples():
+        t, h = samples.loc[r.tail_sample_id], samples.loc[r.head_sample_id]
+        assert t["site"] == h["site"] and r.within_group  # partners share the metadata value
+        # soft targets (multi-label): the tail image's labels 1, the head image's other labels its kept share
+        for lab in labels:
+            want = 1.0 if t[lab] == 1 else (r.head_specific_kept if h[lab] == 1 else 0.0)
+            assert getattr(r, f"soft_{lab}") == pytest.approx(want, abs=1e-6)
+    with pytest.raises(TailfuseError, match="not a metadata column"):
+        run_fuse(str(run), FuseConfig(per_class=2, neighbours_within="colour", name="x"), **QUIET)
+    with pytest.raises(TailfuseError, match="--candidates"):
+        run_fuse(str(run), FuseConfig(per_class=2, candidates=0, name="x"), **QUIET)
+
+    # decode keeps the best candidate of every slot by the real-data classifier's tail probability
+    dec = run_decode(str(run), DecodeConfig(name="cand"), **QUIET)
+    prov = pd.read_json(run / "cand" / "provenance.jsonl", lines=True)
+    man = pd.read_csv(run / "cand" / "manifest.csv")
+    assert dec["n_images"] == 8 and dec["selection"]["n_candidates"] == 24 and len(man) == 8
+    assert prov["selected"].sum() == 8 and prov["tail_prob"].between(0, 1).all() and (prov["nn_distance"] > 0).all()
+    for slot, g in prov.groupby("slot"):
+        best = g.loc[g["tail_prob"].idxmax()]
+        assert bool(best["selected"]) and g["selected"].sum() == 1
+    assert man["path"].tolist() == prov.loc[prov["selected"], "path"].tolist()
+    assert [c for c in man.columns if c.startswith("soft_")] == [f"soft_{lab}" for lab in labels]
+    assert all((run / "cand" / p).is_file() for p in prov["path"])  # every candidate's image is kept for review
+
+
+def test_select_samples_takes_the_best_eligible_candidate_per_slot():
+    from tailfuse.decode import select_samples
+
+    table = pd.DataFrame({"slot": [0, 0, 0, 1, 1, 2]})
+    sc = {"tail_prob": np.array([0.2, 0.9, 0.5, 0.4, 0.3, 0.8]),
+          "near_copy": np.array([False, True, False, False, False, True])}
+    assert select_samples(table, sc, drop_near_copies=False).tolist() == [False, True, False, True, False, True]
+    # near-copies excluded: slot 0 falls back to its next best, slot 2 (only a near-copy) gets none
+    assert select_samples(table, sc, drop_near_copies=True).tolist() == [False, False, True, True, False, False]
+
+
+def test_soft_targets_multiclass_split_by_the_head_share():
+    from tailfuse.fusion.stage import soft_targets
+
+    y_t, y_h = np.array([0, 0, 1]), np.array([1, 0, 0])
+    np.testing.assert_allclose(soft_targets(y_t, y_h, 1.0, 0.0, False, 2), [0, 0, 1])
+    h = 0.4 ** 0.8
+    np.testing.assert_allclose(soft_targets(y_t, y_h, 0.6, 0.0, False, 2), [h, 0, 1 - h])
+    np.testing.assert_allclose(soft_targets(y_t, y_h, 0.0, 0.0, False, 2), [1, 0, 0])
+
+
+@pytest.mark.shared
+def test_pixel_detail_restores_the_original_pixels_of_unfused_regions(isic_dir, taesd_path):
+    """On real ISIC images and TAESD: where the mask takes one source, pixel detail gives back that source's own
+    pixels (the decode's error removed); near the border the decoder's blend remains."""
+    from tailfuse.codec import VAECodec
+    from tailfuse.decode import pixel_detail
+    from tailfuse.images import load_image
+
+    paths = [str(isic_dir / "images" / f"{i:05d}.png") for i in (0, 1, 2, 3)]
+    x = torch.stack([load_image(p, 128) for p in paths])
+    codec = VAECodec.load(str(taesd_path))
+    with torch.no_grad():
+        z = codec.encode(x)
+        rt = codec.decode(z).float()
+    x_t, x_h, rt_t, rt_h = x[:2], x[2:], rt[:2], rt[2:]
+    every = torch.ones(2, 16, 16, dtype=torch.bool)
+    out = pixel_detail(rt_t, every, 1.0, x_t, rt_t, x_h, rt_h)
+    assert (out - x_t).abs().max() < 1e-5  # nothing fused: the original image, not its decode
+    assert (rt_t - x_t).abs().mean() > 0.01  # which the plain decode is not
+    half = torch.zeros(2, 16, 16, dtype=torch.bool)
+    half[:, :, :8] = True
+    w = half[:, None].float()
+    with torch.no_grad():
+        dec = codec.decode(w * z[:2] + (1 - w) * z[2:]).float()  # a latent fused along a vertical border
+    out = pixel_detail(dec, half, 1.0, x_t, rt_t, x_h, rt_h)
+    far_t, far_h = (slice(None), slice(None), slice(None), slice(0, 24)), (slice(None), slice(None), slice(None), slice(104, 128))
+    assert (out[far_t] - x_t[far_t]).abs().mean() < 0.5 * (dec[far_t] - x_t[far_t]).abs().mean()
+    assert (out[far_h] - x_h[far_h]).abs().mean() < 0.5 * (dec[far_h] - x_h[far_h]).abs().mean()

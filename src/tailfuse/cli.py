@@ -62,6 +62,9 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--saliency-smooth", type=float, help="Gaussian blur of the maps before thresholds, sigma in latent positions (default 1; 0 turns it off)")
     g.add_argument("--q-spread", type=float, help="q1, q2 ~ N(0.5, q-spread) (default 0.1)")
     g.add_argument("--fill-prob", type=float, help="tail probability where the rule leaves the choice open (default 0.9)")
+    g.add_argument("--neighbours-within", help="metadata column: head partners only among head images with the same value (e.g. view, cell_type, site)")
+    g.add_argument("--candidates", type=int, help="candidates made per synthetic sample; decode keeps the best by the real-data classifier's probability of the tail label (default 1: no selection)")
+    g.add_argument("--soft-labels", action="store_true", default=None, help="soft targets by each source's share of the fused sample (columns soft_<label> in the manifest)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--name", help="output folder in the run (default synthetic)")
 
@@ -73,6 +76,13 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="VAE (default: the one the run was encoded with)")
     g.add_argument("--device", help="cpu (default), cuda, ...")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="VAE dtype (default float32)")
+    _add_decode_quality_args(g)
+
+
+def _add_decode_quality_args(g) -> None:
+    g.add_argument("--pixel-detail", action="store_true", default=None, help="add each source image's own codec error (x - decode(encode(x))) back where the fusion mask takes it: unfused regions keep their original pixels")
+    g.add_argument("--drop-near-copies", action="store_true", default=None, help="leave near-copies of real training images out of the manifest (closer to one than real images are to each other)")
+    g.add_argument("--near-copy-quantile", type=float, help="near-copy threshold: this quantile of the real images' nearest-other-image distances (default 0.05)")
 
 
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
@@ -152,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
     g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
     g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data (default union)")
+    g.add_argument("--neighbours-within", help="metadata column: head partners only among head images with the same value")
+    g.add_argument("--candidates", type=int, help="candidates per synthetic sample, the best kept (default 1)")
+    g.add_argument("--soft-labels", action="store_true", default=None, help="soft targets by each source's share")
+    g = p.add_argument_group("decode")
+    _add_decode_quality_args(g)
 
     add_evaluate_parser(sub)
 

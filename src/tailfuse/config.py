@@ -136,6 +136,16 @@ class FuseConfig:
     # results were ranked less as their tail label (ISIC2018-LT, fill 0.5 / 0.8 / 1.0: DF 0.18 / 0.36 / 0.45 of the
     # real test AP, AKIEC 0.61 / 0.68 / 0.70; diversity unchanged at ~0.98 of the real images').
     fill_prob: float = 0.9
+    # head partners only among head samples with the same value of this metadata column (view of a chest X-ray,
+    # cell type, device, site); None = the whole head pool
+    neighbours_within: str | None = None
+    # candidates made per synthetic sample; with M > 1 decode keeps the best of every M (by the real-data
+    # classifier's probability of the tail label, near-copies of real images excluded); 1 = no selection
+    candidates: int = 1
+    # soft targets (columns soft_<label> in samples.csv and the manifest): multi-class, the tail label gets
+    # 1 - h^0.8 and the head image's label h^0.8, h = the head image's share of the fused sample (Diff-Mix's split);
+    # multi-label, the tail image's labels 1 and the head image's other labels the kept share of its salient region
+    soft_labels: bool = False
     seed: int = 0
     batch_size: int = 256
     shard_size: int = 1024
@@ -146,6 +156,13 @@ class FuseConfig:
 @dataclass
 class DecodeConfig:
     name: str = "synthetic"
+    # add each source image's own codec error, x - decode(encode(x)), back wherever the (feathered, upsampled)
+    # fusion mask takes that source: regions that were not fused keep their original pixels
+    pixel_detail: bool = False
+    # leave out of the manifest a sample closer to one real training image than real training images are to each
+    # other (see scoring.py); near-copies are then also never chosen among a slot's candidates
+    drop_near_copies: bool = False
+    near_copy_quantile: float = 0.05
     batch_size: int = 32
     vae: str | None = None  # default: the VAE the run was encoded with
     device: str = "cpu"

@@ -14,7 +14,10 @@ import sys
 import time
 from dataclasses import asdict
 
+import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codec import VAECodec
@@ -32,7 +35,61 @@ def _image_relpath(row: pd.Series, labels: list[str], folder_layout: bool) -> st
     return f"images/{name}"
 
 
+def pixel_detail(decoded: torch.Tensor, take_tail: torch.Tensor, feather: float, x_t: torch.Tensor,
+                 rt_t: torch.Tensor, x_h: torch.Tensor, rt_h: torch.Tensor) -> torch.Tensor:
+    """Add each source's own codec error back where the fusion mask takes that source.
+
+    ``take_tail`` (N x h x w, bool) is the latent-grid mask, blurred by ``feather`` like fuse's code mix and
+    upsampled (bilinear) to the image size: W. The result is ``decoded + W (x_t - rt_t) + (1 - W) (x_h - rt_h)``,
+    clipped to [0, 1], with x the source images and rt their VAE round trips."""
+    from .fusion.fuse import feather_weights
+
+    w = feather_weights(take_tail.bool(), feather)
+    w = F.interpolate(w, size=decoded.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    return (decoded + w * (x_t - rt_t) + (1 - w) * (x_h - rt_h)).clamp(0, 1)
+
+
+class _Sources:
+    """Source images and their round trips for --pixel-detail, read at the run's size and resize policy."""
+
+    def __init__(self, store: RunStore, codec, ids: list[int], progress: bool):
+        from .roundtrip import ensure_roundtrips
+
+        info = store.labels()
+        self.size = int(info.get("image_size") or (store.config().get("data") or {}).get("image_size") or 128)
+        self.resize = (store.config().get("data") or {}).get("resize", "center-crop")
+        self.abs_path = store.samples().set_index("sample_id")["abs_path"]
+        self.rt = dict(zip(ids, ensure_roundtrips(store, ids, codec, progress=progress)))
+
+    def images(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        from .images import load_image
+        from .roundtrip import read_png01
+
+        x = torch.stack([load_image(self.abs_path[int(i)], self.size, self.resize) for i in ids])
+        rt = torch.stack([read_png01(self.rt[int(i)]) for i in ids])
+        return x, rt
+
+
+def select_samples(table: pd.DataFrame, scores: dict[str, np.ndarray], drop_near_copies: bool) -> np.ndarray:
+    """Boolean mask of the rows that enter the manifest: per slot, the candidate with the highest ``tail_prob``
+    (near-copies excluded when ``drop_near_copies``); a slot whose every candidate is a near-copy gets none."""
+    eligible = ~scores["near_copy"] if drop_near_copies else np.ones(len(table), bool)
+    keep = np.zeros(len(table), bool)
+    slots = table["slot"].to_numpy() if "slot" in table.columns else np.arange(len(table))
+    prob = scores["tail_prob"]
+    order = np.lexsort((-prob, slots))  # by slot, best first
+    seen = set()
+    for i in order:
+        if slots[i] in seen or not eligible[i]:
+            continue
+        seen.add(slots[i])
+        keep[i] = True
+    return keep
+
+
 def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+    if not 0 <= cfg.near_copy_quantile < 1:
+        raise TailfuseError(f"--near-copy-quantile {cfg.near_copy_quantile} must be in [0, 1).")
     store = RunStore(run)
     fuse_rec = store.stage(f"fuse-{cfg.name}")
     if not fuse_rec or fuse_rec.get("status") != "done":
@@ -46,19 +103,30 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
         log(f"note: decoding with VAE '{vae_name}', not the one the run was encoded with ({enc['vae']['name']})")
     out = store.root / cfg.name
     stage = f"decode-{cfg.name}"
-    config_hash = stable_hash({"fuse": fuse_rec["config_hash"], "vae": codec.fingerprint()})
+    table = pd.read_csv(out / "samples.csv")
+    n_candidates = int(table["candidate"].max()) + 1 if "candidate" in table.columns and len(table) else 1
+    select = n_candidates > 1 or cfg.drop_near_copies
+    settings = {"pixel_detail": cfg.pixel_detail}
+    if select:
+        settings.update(drop_near_copies=cfg.drop_near_copies, near_copy_quantile=cfg.near_copy_quantile)
+    config_hash = stable_hash({"fuse": fuse_rec["config_hash"], "vae": codec.fingerprint(), **settings})
     rec = open_stage(store, stage, config_hash, force, [out / "images", out / "manifest.csv", out / "provenance.jsonl"], log, f"decoded images of '{cfg.name}'")
     if rec is not None and rec.get("status") == "done":
         log(f"decode already done for '{cfg.name}' ({rec['n_images']} images); skipping (use --force to redo).")
         return rec
     if rec is None:
         rec = {"stage": stage, "status": "running", "config_hash": config_hash, "vae": codec.identity(), "shards": [],
-               "started_at": now(), "seconds": 0.0}
+               "settings": settings, "started_at": now(), "seconds": 0.0}
+    store.write_config(stage, asdict(cfg))
     folder_layout = labels_info.get("source") == "folder"
-    table = pd.read_csv(out / "samples.csv")
     table["path"] = [_image_relpath(r, labels, folder_layout) for _, r in table.iterrows()]
     paths = dict(zip(table["synth_id"], table["path"]))
+    by_id = table.set_index("synth_id")
     shards = synthetic_latents(store, cfg.name)
+    sources = None
+    if cfg.pixel_detail:
+        ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int)))
+        sources = _Sources(store, codec, ids, progress)
     done_shards = set(rec["shards"])
     n_done = sum(len(ids) for si, ids in enumerate(shards._ids) if str(si) in done_shards)
     bar = tqdm(total=len(shards), initial=n_done, desc=f"decode {cfg.name}", unit="img", disable=not progress, file=sys.stderr)
@@ -69,6 +137,12 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
                 continue
             for ids, z in shards.iter_batches(cfg.batch_size, ids=shards._ids[si]):
                 imgs = codec.decode(z)
+                if sources is not None:
+                    rows = by_id.loc[ids]
+                    x_t, rt_t = sources.images(rows["tail_sample_id"])
+                    x_h, rt_h = sources.images(rows["head_sample_id"])
+                    imgs = pixel_detail(imgs.float().cpu(), shards.get(ids, key="mask"), float(rows["feather"].iloc[0]),
+                                        x_t, rt_t, x_h, rt_h)
                 for sid, img in zip(ids, imgs):
                     p = out / paths[int(sid)]
                     p.parent.mkdir(parents=True, exist_ok=True)
@@ -80,19 +154,49 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
             store.write_stage(stage, rec)
     finally:
         bar.close()
+    keep = np.ones(len(table), bool)
+    if select:
+        from .scoring import RealScorer, run_image_features
+
+        t1 = time.time()
+        scorer = RealScorer.fit(store, cfg.near_copy_quantile, progress=progress, log=log)
+        feats = run_image_features(store, [str(out / p) for p in table["path"]], progress=progress,
+                                   desc="synthetic image features")
+        sc = scorer.score(feats, table["tail_label"].tolist())
+        keep = select_samples(table, sc, cfg.drop_near_copies)
+        for k in ("tail_prob", "nn_distance", "nn_ratio"):
+            table[k] = sc[k].astype(np.float64)
+        table["nn_sample_id"] = sc["nn_sample_id"]
+        table["near_copy"] = sc["near_copy"]
+        table["selected"] = keep
+        rec["selection"] = {"candidates_per_sample": n_candidates, "n_candidates": int(len(table)),
+                            "n_selected": int(keep.sum()), "n_near_copies": int(sc["near_copy"].sum()),
+                            "near_copy_threshold": scorer.copy_threshold, "scorer": scorer.model.info,
+                            "slots_without_a_sample": int(table["slot"].nunique() - keep.sum()) if "slot" in table else 0,
+                            "seconds": round(time.time() - t1, 2)}
+        log(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
+            f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
     path_col = labels_info.get("path_column", "path")
-    manifest = pd.DataFrame({path_col: table["path"], "split": "synthetic"})
+    chosen = table[keep]
+    manifest = pd.DataFrame({path_col: chosen["path"].to_numpy(), "split": "synthetic"})
     for lab in labels:
-        manifest[lab] = table[lab].astype(int)
+        manifest[lab] = chosen[lab].astype(int).to_numpy()
+    soft_cols = [f"soft_{lab}" for lab in labels if f"soft_{lab}" in table.columns]
+    for c in soft_cols:
+        manifest[c] = chosen[c].to_numpy()
     write_csv_atomic(out / "manifest.csv", manifest)
-    prov_cols = [c for c in table.columns if c not in labels]
+    prov_cols = [c for c in table.columns if c not in labels and c not in soft_cols]
     lines = []
     for _, r in table.iterrows():
         d = {k: (r[k].item() if hasattr(r[k], "item") else r[k]) for k in prov_cols}
         d["labels"] = [lab for lab in labels if int(r[lab]) == 1]
+        if soft_cols:
+            d["soft_labels"] = {c[5:]: float(r[c]) for c in soft_cols}
+        d["pixel_detail"] = cfg.pixel_detail
         lines.append(json.dumps(d))
     write_text_atomic(out / "provenance.jsonl", "\n".join(lines) + "\n")
-    rec.update(status="done", n_images=len(table), finished_at=now())
+    rec.update(status="done", n_images=int(keep.sum()), n_decoded=len(table), finished_at=now())
     store.write_stage(stage, rec)
-    log(f"decoded {len(table)} images into {out / 'images'}\nmanifest: {out / 'manifest.csv'}\nprovenance: {out / 'provenance.jsonl'}")
+    log(f"decoded {len(table)} images into {out / 'images'}" + (f" ({int(keep.sum())} in the manifest)" if select else "")
+        + f"\nmanifest: {out / 'manifest.csv'}\nprovenance: {out / 'provenance.jsonl'}")
     return rec

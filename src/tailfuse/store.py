@@ -247,12 +247,20 @@ class RunStore:
             raise TailfuseError(f"run folder {self.root} has no labels.json; run `tailfuse encode` first.")
         return json.loads(self.labels_json.read_text())
 
+    @property
+    def data_root(self) -> Path:
+        """The run folder whose latents this run reads: itself, or, for a fold of `tailfuse evaluate --folds`, the
+        run it was made from (``latents_from`` in its encode record). Caches of per-image work (VAE round trips,
+        image features) live there too, so the folds share them."""
+        rec = self.stage("encode") or {}
+        return (self.root / rec["latents_from"]).resolve() if rec.get("latents_from") else self.root
+
     def latents(self) -> ShardSet:
         rec = self.stage("encode")
         if not rec or rec.get("status") != "done":
             raise TailfuseError(f"run folder {self.root}: encode has not finished; run `tailfuse encode` first.")
         files = [rec["shards"][k]["file"] for k in sorted(rec["shards"], key=int) if rec["shards"][k]["file"]]
-        return ShardSet(self.root, files)
+        return ShardSet(self.data_root, files)
 
 
 class StageMismatch(TailfuseError):

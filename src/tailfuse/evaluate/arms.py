@@ -1,16 +1,20 @@
 """The image arms' synthetic sets, each a folder of PNG files plus a manifest under ``<run>/eval/<arm>/``.
 
-* ``tailfuse``: `tailfuse fuse` with the default settings and the 'train' model, then `tailfuse decode` (the set is
-  the run's own stage output, ``name = eval/tailfuse``, stage records ``stages/fuse-eval/tailfuse.json``).
-* ``tailfuse-no-imitation``: the same with the 'train-no-imitation' model (trained here, with the 'train' model's
-  settings from run.yaml and ``no_imitation``, when it is missing).
-* ``reference``: the same with the reference code's choices: EigenCAM saliency and the ``tail`` label policy.
+* fusion arms (``tailfuse``, ``tailfuse-no-imitation``, ``reference``, ``tailfuse-kept``, and any of them with
+  settings in brackets, e.g. ``tailfuse[candidates=3,soft_labels=true]``): `tailfuse fuse` then `tailfuse decode` with
+  the arm's settings (the set is the run's own stage output, ``name = eval/<slug>``, stage records
+  ``stages/fuse-eval/<slug>.json``). ``tailfuse-no-imitation`` uses the 'train-no-imitation' model (trained here,
+  with the 'train' model's settings from run.yaml and ``no_imitation``, when it is missing); ``reference`` the
+  reference code's choices: EigenCAM saliency and the ``tail`` label policy.
 * ``smote``: SMOTE (multi-class) / MLSMOTE (multi-label) on the flattened VAE latents of the training split, decoded
   with the run's VAE (``eval/smote/images``, ``manifest.csv``, ``provenance.csv``).
+* ``vae-roundtrip``: the tail training images themselves, encoded and decoded with no fusion (``<run>/roundtrip``),
+  cycling through each tail label's images like fusion's plan; the control that separates what the VAE's decoder
+  does to an image from what fusion does.
 
-The fusion stages make ``max(n_l)`` samples per tail label (one ``per_class`` for all, since fusion plans each label
-independently the first n samples of a label do not depend on the others); the arm takes the first ``n_l`` of label
-l, so every arm adds exactly the budgeted counts.
+Sets are made for the largest budget asked for; the arm takes the first ``n_l`` samples of label l (fusion plans each
+label independently, so the first n samples of a label do not depend on the others), so every arm adds exactly the
+budgeted counts.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +32,8 @@ from tqdm.auto import tqdm
 from ..config import DecodeConfig, FuseConfig, TrainConfig, stable_hash
 from ..errors import TailfuseError
 from ..store import RunStore, StageMismatch, file_sha256, write_csv_atomic, write_json_atomic
-from .config import EvaluateConfig
+from .config import FUSION_ARMS, ArmSpec, EvaluateConfig
 from .resample import mlsmote, smote_multiclass
-
-FUSION_ARMS = {
-    "tailfuse": {"model": "train"},
-    "tailfuse-no-imitation": {"model": "train-no-imitation"},
-    "reference": {"model": "train", "cam": "eigencam", "labels_policy": "tail"},
-    "tailfuse-kept": {"model": "train", "labels_policy": "kept"},
-}
 
 
 def _model_done(store: RunStore, name: str) -> bool:
@@ -62,41 +59,89 @@ def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bo
     return time.time() - t
 
 
-def _fuse_with_budget(store: RunStore, arm: str, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log,
-                      force: bool = False) -> dict:
+def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
+                      log, force: bool = False) -> dict:
     from ..decode import run_decode
     from ..fusion.stage import run_fuse
 
-    spec = FUSION_ARMS[arm]
+    spec = {**FUSION_ARMS[arm.base], **dict(arm.fuse)}
     if not _model_done(store, spec["model"]):
         hint = " --no-imitation" if spec["model"] == "train-no-imitation" else ""
-        raise TailfuseError(f"arm '{arm}' needs the trained model '{spec['model']}': run `tailfuse train --run "
+        raise TailfuseError(f"arm '{arm.name}' needs the trained model '{spec['model']}': run `tailfuse train --run "
                             f"{store.root}{hint}` first, or leave the arm out with --arms.")
-    name = f"eval/{arm}"
+    name = f"eval/{arm.slug}"
     fcfg = FuseConfig(**spec, per_class=max(per_label.values()), seed=cfg.data_seed, name=name, device=cfg.device)
     try:
         run_fuse(str(store.root), fcfg, force=force, progress=progress, log=log)
     except StageMismatch:
-        log(f"evaluate: the synthetic set of arm '{arm}' was made with other settings; making it again")
+        log(f"evaluate: the synthetic set of arm '{arm.name}' was made with other settings; making it again")
         run_fuse(str(store.root), fcfg, force=True, progress=progress, log=log)
-    run_decode(str(store.root), DecodeConfig(name=name, vae=cfg.vae, device=cfg.device), force=force, progress=progress,
-               log=log)
+    dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, **dict(arm.decode))
+    try:
+        run_decode(str(store.root), dcfg, force=force, progress=progress, log=log)
+    except StageMismatch:
+        run_decode(str(store.root), dcfg, force=True, progress=progress, log=log)
     folder = store.root / name
-    table = pd.read_csv(folder / "samples.csv")
+    prov = pd.read_json(folder / "provenance.jsonl", lines=True)
+    if "selected" in prov.columns:
+        prov = prov[prov["selected"].astype(bool)].reset_index(drop=True)
     man = pd.read_csv(folder / "manifest.csv")
-    if len(table) != len(man):
-        raise TailfuseError(f"{folder}: manifest.csv and samples.csv differ in length; rerun with --force.")
+    if len(prov) != len(man):
+        raise TailfuseError(f"{folder}: manifest.csv and provenance.jsonl differ in length; rerun with --force.")
     keep = []
     for lab, n in per_label.items():
-        keep.extend(np.flatnonzero((table["tail_label"] == lab).to_numpy())[:n].tolist())
+        keep.extend(np.flatnonzero((prov["tail_label"] == lab).to_numpy())[:n].tolist())
     keep = sorted(keep)
     fuse_rec = store.stage(f"fuse-{name}")
     dec_rec = store.stage(f"decode-{name}")
+    made = {"n_made": int(fuse_rec["n_synthetic"]), "n_used": len(keep), "model": fuse_rec["model"],
+            "fuse_seconds": fuse_rec.get("seconds"), "decode_seconds": dec_rec.get("seconds"),
+            "settings": {**{k: v for k, v in asdict(fcfg).items() if k not in ("name", "device")},
+                         **{k: v for k, v in asdict(dcfg).items() if k not in ("name", "device")}}}
+    if dec_rec.get("selection"):
+        made["selection"] = dec_rec["selection"]
+    short = {lab: n - int((prov["tail_label"] == lab).sum()) for lab, n in per_label.items()}
+    short = {lab: v for lab, v in short.items() if v > 0}
+    if short:
+        made["short"] = short
+        log(f"evaluate: arm '{arm.name}' has fewer samples than budgeted (" + ", ".join(f"{k} -{v}" for k, v in short.items())
+            + "): selection left slots empty")
     return {"folder": folder, "manifest": man.iloc[keep].reset_index(drop=True),
-            "tail_label": table["tail_label"].iloc[keep].tolist(),
-            "identity": {"fuse": fuse_rec["config_hash"], "decode": dec_rec["config_hash"], "rows": keep},
-            "made": {"n_made": int(len(table)), "n_used": int(len(keep)), "fuse_seconds": fuse_rec.get("seconds"),
-                     "decode_seconds": dec_rec.get("seconds")}}
+            "tail_label": prov["tail_label"].iloc[keep].tolist(),
+            "identity": {"fuse": fuse_rec["config_hash"], "decode": dec_rec["config_hash"]}, "made": made}
+
+
+def _roundtrip_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log) -> dict:
+    from ..codec import VAECodec
+    from ..roundtrip import ensure_roundtrips
+
+    info = store.labels()
+    labels = info["labels"]
+    path_col = info.get("path_column", "path")
+    samples = store.samples()
+    train = samples[samples["split"] == "train"].reset_index(drop=True)
+    ids, tail_label = [], []
+    for lab, n in per_label.items():
+        rows = train["sample_id"].to_numpy()[train[lab].to_numpy() == 1]
+        if n <= 0 or not len(rows):
+            continue
+        ids.extend(int(rows[i % len(rows)]) for i in range(n))
+        tail_label.extend([lab] * n)
+    t0 = time.time()
+    codec = VAECodec.load(cfg.vae or store.stage("encode")["vae"]["name"], cfg.device)
+    paths = ensure_roundtrips(store, ids, codec, progress=progress)
+    by_id = train.set_index("sample_id")
+    man = pd.DataFrame({path_col: [str(p.resolve()) for p in paths], "split": "synthetic"})
+    for lab in labels:
+        man[lab] = [int(by_id.loc[i, lab]) for i in ids]
+    folder = store.root / "eval" / "vae-roundtrip"
+    write_csv_atomic(folder / "manifest.csv", man)
+    write_csv_atomic(folder / "provenance.csv", pd.DataFrame({path_col: man[path_col], "sample_id": ids,
+                                                              "tail_label": tail_label}))
+    return {"folder": folder, "manifest": man, "tail_label": tail_label,
+            "identity": {"roundtrip": stable_hash({"ids": ids, "vae": codec.fingerprint()})},
+            "made": {"n_made": len(set(ids)), "n_used": len(ids), "seconds": round(time.time() - t0, 2),
+                     "method": "VAE round trip (decode of the stored latent) of the tail training images, cycled"}}
 
 
 def _smote_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log,
@@ -171,24 +216,32 @@ def _smote_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, 
             "made": made}
 
 
-def make_image_arm(store: RunStore, arm: str, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log,
+def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log,
                    force: bool = False) -> dict:
-    """Make (or reuse) the arm's synthetic set; return its manifest rows (absolute paths), labels and identity."""
+    """Make (or reuse) the arm's synthetic set; return its manifest rows (absolute paths), targets and identity."""
     if sum(per_label.values()) == 0:
         raise TailfuseError("the augmentation budget is 0 for every tail label; nothing to add (see --balance-to, "
                             "--per-class).")
-    if arm in FUSION_ARMS:
+    if arm.is_fusion:
         out = _fuse_with_budget(store, arm, per_label, cfg, progress, log, force)
+    elif arm.base == "vae-roundtrip":
+        out = _roundtrip_set(store, per_label, cfg, progress, log)
     else:
         out = _smote_set(store, per_label, cfg, progress, log, force)
     info = store.labels()
     path_col = info.get("path_column", "path")
     man = out["manifest"]
     out["paths"] = [str((out["folder"] / p).resolve()) for p in man[path_col]]
-    out["y"] = man[info["labels"]].to_numpy(dtype=np.int64)
+    soft = [f"soft_{lab}" for lab in info["labels"]]
+    if all(c in man.columns for c in soft):
+        out["y"] = man[soft].to_numpy(dtype=np.float64)  # soft targets of a fusion arm with soft_labels
+        out["soft"] = True
+    else:
+        out["y"] = man[info["labels"]].to_numpy(dtype=np.float64)
+        out["soft"] = False
     missing = [p for p in out["paths"] if not os.path.isfile(p)]
     if missing:
-        raise TailfuseError(f"arm '{arm}': {len(missing)} synthetic images are missing (e.g. {missing[0]}); rerun "
+        raise TailfuseError(f"arm '{arm.name}': {len(missing)} synthetic images are missing (e.g. {missing[0]}); rerun "
                             "with --force.")
     out["identity"]["manifest_sha256"] = file_sha256(Path(out["folder"]) / "manifest.csv")
     return out

@@ -152,23 +152,138 @@ def _fit(model: nn.Module, batches_x, train: TrainSet, val_x, y_val: np.ndarray,
     return predict(test_x), info
 
 
-def fit_linear(pool: np.ndarray, train: TrainSet, val_rows: np.ndarray, y_val: np.ndarray, test_rows: np.ndarray, *,
-               multi_label: bool, weights: torch.Tensor | None, seed: int, epochs: int, lr: float, weight_decay: float,
-               batch_size: int, progress: bool = False, desc: str = "head") -> tuple[np.ndarray, dict]:
-    """Linear head on standardised frozen features ``pool`` (N x D)."""
-    lam = train.lam[:, None].astype(np.float32)
-    x_tr = lam * pool[train.a] + (1 - lam) * pool[train.b]
+def _expand_multiclass(x: np.ndarray, y: np.ndarray, w_class: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of soft targets -> one row per (item, class with weight > 0), weighted by that target: the weighted
+    cross-entropy of the expanded rows equals the soft-target cross-entropy of the items, exactly."""
+    item, cls = np.nonzero(y > 0)
+    sw = y[item, cls].astype(np.float64)
+    if w_class is not None:
+        sw = sw * w_class[cls]
+    return x[item], cls, sw
+
+
+def _expand_binary(x: np.ndarray, yj: np.ndarray, pos_weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One label's soft targets -> a positive row (weight y * pos_weight) and a negative row (weight 1 - y) per item:
+    the same weighted BCE as ``binary_cross_entropy_with_logits(pos_weight=...)`` on the soft targets."""
+    pos, neg = yj > 0, yj < 1
+    xs = np.concatenate([x[pos], x[neg]])
+    ys = np.r_[np.ones(int(pos.sum()), np.int64), np.zeros(int(neg.sum()), np.int64)]
+    sw = np.r_[yj[pos] * pos_weight, 1.0 - yj[neg]].astype(np.float64)
+    return xs, ys, sw
+
+
+class _LogReg:
+    """L2-regularised logistic regression (scikit-learn, lbfgs) on standardised features, soft targets and class
+    weights included: multinomial on multi-class data, one binary model per label on multi-label data. ``fit`` takes
+    C (the inverse regularisation strength) and warm-starts from the previous C's solution."""
+
+    def __init__(self, n_labels: int, multi_label: bool, weights: np.ndarray | None, max_iter: int):
+        self.n_labels, self.multi_label, self.weights, self.max_iter = n_labels, multi_label, weights, max_iter
+        self.models: list = []
+
+    def fit(self, x: np.ndarray, y: np.ndarray, c: float) -> "_LogReg":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        def make(i):
+            if i < len(self.models) and self.models[i] is not None:
+                return self.models[i].set_params(C=c)
+            return LogisticRegression(C=c, max_iter=self.max_iter, warm_start=True, tol=1e-4)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            if not self.multi_label:
+                xs, ys, sw = _expand_multiclass(x, y, self.weights)
+                m = make(0)
+                self.models = [m.fit(xs, ys, sample_weight=sw) if len(np.unique(ys)) > 1 else None]
+                self.present = np.unique(ys)
+            else:
+                models = []
+                for j in range(self.n_labels):
+                    pw = 1.0 if self.weights is None else float(self.weights[j])
+                    xs, ys, sw = _expand_binary(x, y[:, j], pw)
+                    if len(np.unique(ys)) < 2:  # no positive (or no negative) in training: a constant score
+                        models.append(None)
+                        continue
+                    models.append(make(j).fit(xs, ys, sample_weight=sw))
+                self.models = models
+                self.constant = np.array([float(y[:, j].max() > 0) for j in range(self.n_labels)])
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(x), self.n_labels), dtype=np.float64)
+        if not self.multi_label:
+            m = self.models[0]
+            if m is None:  # one class only
+                out[:, self.present] = 1.0
+            else:
+                out[:, m.classes_] = m.predict_proba(x)
+            return out
+        for j, m in enumerate(self.models):
+            out[:, j] = self.constant[j] if m is None else m.predict_proba(x)[:, 1]
+        return out
+
+
+DEFAULT_C_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+
+
+@dataclass
+class LinearModel:
+    """A fitted logistic regression with its standardisation: ``predict(raw features) -> N x L probabilities``."""
+
+    model: _LogReg
+    mean: np.ndarray
+    std: np.ndarray
+    info: dict
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / self.std
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(self.standardise(x))
+
+
+def tune_linear(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, *, multi_label: bool,
+                weights=None, c_grid=DEFAULT_C_GRID, max_iter: int = 500) -> LinearModel:
+    """Logistic regression on standardised features, its regularisation chosen on val.
+
+    Features are standardised with the training items' mean and standard deviation; for every C of ``c_grid``
+    (ascending, each fit warm-started from the last) the model is fitted and scored on val (mAP over labels with a
+    validation positive); the C with the best val mAP (the smallest C on ties: the most regularised) is kept. The
+    fit is deterministic."""
+    x_tr = np.asarray(x_tr, dtype=np.float64)
     mu = x_tr.mean(0)
     sd = x_tr.std(0) + 1e-6
-    x_tr = torch.from_numpy(((x_tr - mu) / sd).astype(np.float32))
-    x_va = torch.from_numpy(((pool[val_rows] - mu) / sd).astype(np.float32))
-    x_te = torch.from_numpy(((pool[test_rows] - mu) / sd).astype(np.float32))
-    torch.manual_seed(int(seed))
-    model = nn.Linear(pool.shape[1], train.y.shape[1])
-    with one_thread():
-        return _fit(model, lambda idx, g, aug: x_tr[idx], train, lambda: [x_va], y_val, lambda: [x_te],
-                    multi_label=multi_label, weights=weights, seed=seed, epochs=epochs, lr=lr,
-                    weight_decay=weight_decay, batch_size=batch_size, progress=progress, desc=desc, augment=False)
+    xs, xv = (x_tr - mu) / sd, (np.asarray(x_va, dtype=np.float64) - mu) / sd
+    y_tr = np.asarray(y_tr, dtype=np.float64)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    best, best_c, best_model, history = -np.inf, None, None, {}
+    for c in sorted(float(v) for v in c_grid):
+        model = _LogReg(y_tr.shape[1], multi_label, w, max_iter)
+        if best_model is not None:
+            model.models = [copy.deepcopy(m) for m in last.models]  # warm start from the previous C
+        model.fit(xs, y_tr, c)
+        last = model
+        score = _val_map(y_va, model.predict(xv)) if len(y_va) else float("nan")
+        history[f"{c:g}"] = None if np.isnan(score) else round(float(score), 5)
+        key = score if not np.isnan(score) else -np.inf
+        if best_model is None or key > best:
+            best, best_c, best_model = key, c, model
+    info = {"c": best_c, "val_map": None if not np.isfinite(best) else float(best), "val_map_by_c": history}
+    return LinearModel(best_model, mu, sd, info)
+
+
+def fit_linear(pool: np.ndarray, train: TrainSet, val_rows: np.ndarray, y_val: np.ndarray, test_rows: np.ndarray, *,
+               multi_label: bool, weights: torch.Tensor | None, c_grid=DEFAULT_C_GRID, **_ignored) -> tuple[np.ndarray, dict]:
+    """The ``linear`` classifier: ``tune_linear`` on frozen features ``pool`` (N x D) of the training items (mixes of
+    pool rows), scored on the test rows. The seed does not enter (the arms' own random draws vary with it)."""
+    lam = train.lam[:, None].astype(np.float64)
+    x_tr = lam * pool[train.a] + (1 - lam) * pool[train.b]
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    m = tune_linear(x_tr, train.y, pool[val_rows], y_val, multi_label=multi_label, weights=w, c_grid=c_grid)
+    return m.predict(pool[test_rows]).astype(np.float32), dict(m.info)
 
 
 def fit_images(kind: str, images: torch.Tensor, train: TrainSet, val_rows: np.ndarray, y_val: np.ndarray,

@@ -12,6 +12,28 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _float_csv(s: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of numbers") from None
+
+
+def _arm_list(s: str) -> list[str]:
+    """Comma-separated arms; commas inside brackets belong to an arm's settings (tailfuse[a=1,b=2])."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [x.strip() for x in out if x.strip()]
+
+
 def _int_csv(s: str) -> list[int]:
     try:
         return [int(x) for x in _csv(s)]
@@ -32,29 +54,35 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with a section 'evaluate' (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("arms and classifier")
-    g.add_argument("--arms", type=_csv, help=f"comma-separated arms (default: {','.join(ARMS)}; also {','.join(OPTIONAL_ARMS)})")
-    g.add_argument("--seeds", type=_int_csv, help="comma-separated classifier seeds (default 0,1,2)")
-    g.add_argument("--classifier", choices=list(CLASSIFIERS), help="linear head on frozen EfficientNet-Lite0 features (default), finetune (all layers), cnn (small CNN from scratch)")
-    g.add_argument("--epochs", type=int, help="training epochs (default: linear 60, finetune 8, cnn 30)")
-    g.add_argument("--lr", type=float, help="learning rate (default: linear 1e-3, finetune 1e-4, cnn 1e-3)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    g.add_argument("--batch-size", type=int, help="classifier batch size (default 64)")
+    g.add_argument("--arms", type=_arm_list, help=f"comma-separated arms (default: {','.join(ARMS)}; also "
+                   f"{','.join(OPTIONAL_ARMS)}, and fusion arms with other settings, e.g. "
+                   "'tailfuse[pixel_detail=true,candidates=3]')")
+    g.add_argument("--seeds", type=_int_csv, help="comma-separated seeds of the arms' draws and of the finetune/cnn classifiers (default 0,1,2)")
+    g.add_argument("--classifier", choices=list(CLASSIFIERS), help="linear: logistic regression on frozen EfficientNet-Lite0 features (default); finetune (all layers); cnn (small CNN from scratch)")
+    g.add_argument("--c-grid", type=_float_csv, help="linear: regularisation values C tried per arm, the best on val kept (default 3e-4,1e-3,3e-3,0.01,0.03,0.1,0.3)")
+    g.add_argument("--epochs", type=int, help="finetune / cnn: training epochs (default 8 / 30)")
+    g.add_argument("--lr", type=float, help="finetune / cnn: learning rate (default 1e-4 / 1e-3)")
+    g.add_argument("--weight-decay", type=_float_csv, help="finetune / cnn: AdamW weight decays tried per arm, the best on val kept (default 1e-4)")
+    g.add_argument("--batch-size", type=int, help="finetune / cnn: batch size (default 64)")
+    g.add_argument("--folds", type=int, help="K-fold evaluation of the whole pipeline: every image a test image once; the sparse model, fusion and decoding of each fold see only its training part")
+    g.add_argument("--fold-val-fraction", type=float, help="with --folds: share of each fold's training part kept for validation (default 0.1)")
     g = p.add_argument_group("augmentation budget (the same for every augmentation arm)")
     n = g.add_mutually_exclusive_group()
     n.add_argument("--balance-to", type=int, help="top each tail label up to this many training samples (default: the median head-label train count)")
     n.add_argument("--per-class", type=int, help="instead: this many new samples per tail label")
     g.add_argument("--max-ratio", type=float, help="with --balance-to: a tail label grows to at most this multiple of its real count (default 5)")
-    g.add_argument("--data-seed", type=int, help="seed of the synthetic sets and the bootstrap (default 0)")
+    g.add_argument("--budgets", type=_float_csv, help="budget sweep: every augmentation arm also at these multiples of each tail label's real train count, e.g. 0.5,1,2,5")
+    g.add_argument("--data-seed", type=int, help="seed of the synthetic sets, the folds and the bootstrap (default 0)")
     g.add_argument("--smote-k", type=int, help="neighbours of SMOTE / MLSMOTE (default 5)")
     g.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) (default 0.4)")
     g = p.add_argument_group("statistics and quality")
     g.add_argument("--bootstrap", type=int, help="paired bootstrap resamples of the test images (default 1000; 0 = none)")
-    g.add_argument("--no-quality", dest="quality", action="store_false", default=None, help="skip FID / Frechet distance / precision-recall")
+    g.add_argument("--no-quality", dest="quality", action="store_false", default=None, help="skip FID / Frechet distance / precision-recall / separability")
     g.add_argument("--fid-max-images", type=int, help="at most this many images per set in the quality figures (default 500)")
     g.add_argument("--pr-k", type=int, help="k of the k-NN precision/recall (default 3)")
     g = p.add_argument_group("models and machine")
     g.add_argument("--no-train-missing", dest="train_missing", action="store_false", default=None, help="fail instead of training the missing 'train-no-imitation' model")
-    g.add_argument("--vae", help="VAE for decoding the SMOTE and fusion arms (default: the one the run was encoded with)")
+    g.add_argument("--vae", help="VAE for decoding the image arms (default: the one the run was encoded with)")
     g.add_argument("--device", help="cpu (default), cuda, ...")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="redo everything: synthetic sets and every arm (features stay cached)")
@@ -98,5 +126,5 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fmt = lambda v: "  –  " if v is None else f"{v:.3f}"  # noqa: E731
         rows.append(f"  {arm:<22} mAP {fmt(e['map_all'])}  head {fmt(e['map_head'])}  tail {fmt(e['map_tail'])}{extra}")
     print("\n".join(rows))
-    print(f"results: {res['run']}/eval/results.json, results.md, per_label_ap.png, class_histograms.png")
+    print(f"results: {res['output']}/results.json, results.md and plots")
     return 0

