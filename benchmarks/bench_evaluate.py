@@ -89,7 +89,8 @@ def main() -> int:
         return rc
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = json.loads((run / "eval" / "results.json").read_text())
+    res_dir = Path(getattr(args, "output", None) or run / "eval")  # cmd_evaluate records where it wrote (folds: a subfolder)
+    res = json.loads((res_dir / "results.json").read_text())
     bench_cmd = "python benchmarks/bench_evaluate.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     res["benchmark"] = {
         "command": bench_cmd,
@@ -106,12 +107,12 @@ def main() -> int:
         "note": a.note,
     }
     (out / f"evaluate-{a.tag}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    md = (run / "eval" / "results.md").read_text()
+    md = (res_dir / "results.md").read_text()
     note = (f"\nProduced by `{bench_cmd}` (wall {wall / 60:.1f} min on {os.cpu_count()} CPUs, {a.threads} torch "
             f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; load average at the "
             f"start {', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}).\n" + (f"\n{a.note}\n" if a.note else ""))
     (out / f"evaluate-{a.tag}.md").write_text(md + note)
-    for png in sorted((run / "eval").glob("*.png")):
+    for png in sorted(res_dir.glob("*.png")):
         shutil.copy(png, out / f"evaluate-{a.tag}-{png.name}")
     print(f"benchmark: wrote {out / f'evaluate-{a.tag}.json'} and .md ({wall / 60:.1f} min)")
     return 0

@@ -67,6 +67,12 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--soft-labels", action="store_true", default=None, help="soft targets by each source's share of the fused sample (columns soft_<label> in the manifest)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--name", help="output folder in the run (default synthetic)")
+    _add_refine_flags(g)
+
+
+def _add_refine_flags(g) -> None:
+    g.add_argument("--refine", help="then refine the fused latents with the run's prior: d/N, d of N DDIM steps (e.g. 10/50), into the set <name>-refined")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance of the refinement toward the sample's labels (default 2)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +174,52 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("decode")
     _add_decode_quality_args(g)
 
+    g = p.add_argument_group("refine (the diffusion step; trains the prior first when missing)")
+    _add_refine_flags(g)
+
+    p = sub.add_parser("train-prior", help="a class-conditional latent diffusion model on the run's training latents (resumable)")
+    _common(p)
+    g = p.add_argument_group("prior")
+    g.add_argument("--widths", dest="block_out_channels", type=lambda v: [int(x) for x in _csv_list(v)], help="UNet block widths (default 32,64 on a CPU, 64,128,256 on a GPU)")
+    g.add_argument("--layers-per-block", type=int, help="resnet layers per UNet block (default 1)")
+    g.add_argument("--attention", action="store_true", default=None, help="self-attention in the lowest-resolution block")
+    g.add_argument("--epochs", type=int, help="epochs (default 40 on a CPU, 400 on a GPU)")
+    g.add_argument("--batch-size", type=int, help="latents per step (default 32)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
+    g.add_argument("--label-dropout", type=float, help="probability of training without labels, for classifier-free guidance (default 0.15)")
+    g.add_argument("--t-min", type=int, help="smallest training timestep (default 0)")
+    g.add_argument("--t-max", type=int, help="training timesteps below this (default 1000; refinement only visits low ones)")
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--device", help="cpu (default), cuda, ...")
+    g.add_argument("--name", help="folder of the prior in the run (default prior)")
+    p.add_argument("--force", action="store_true", help="discard an earlier prior of this name and train again")
+
+    p = sub.add_parser("refine", help="few-step SDEdit refinement of a latent set with the run's prior or a Stable Diffusion model (resumable)")
+    _common(p)
+    g = p.add_argument_group("refine")
+    g.add_argument("--source", help="latent set to refine (default synthetic)")
+    g.add_argument("--refine", help="d/N: noise to where d of N DDIM steps remain, denoise d steps (default 10/50)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance toward the sample's labels (default 2; 1 = conditional, 0 = none)")
+    g.add_argument("--prior", help="the run's prior to use (default prior)")
+    g.add_argument("--sd", help="instead: a Stable Diffusion folder (diffusers layout) whose VAE shares the run's latent space")
+    g.add_argument("--prompt-template", help="SD only: prompt with {labels} for the sample's label names (default '{labels}')")
+    g.add_argument("--seed", type=int, help="seed of the noise (default 0)")
+    g.add_argument("--name", help="output set (default <source>-refined)")
+    g.add_argument("--device", help="cpu (default), cuda, ...")
+    p.add_argument("--force", action="store_true", help="discard an earlier refined set of this name and redo it")
+
+    p = sub.add_parser("sample", help="full diffusion sampling of tail classes from noise with the run's prior (a baseline)")
+    _common(p)
+    g = p.add_argument_group("sample")
+    g.add_argument("--per-class", type=int, default=100, help="new latents per tail label (default 100)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance (default 2)")
+    g.add_argument("--prior", default="prior", help="the run's prior (default prior)")
+    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    g.add_argument("--name", default="prior-sample", help="output set (default prior-sample)")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("--force", action="store_true", help="discard an earlier set of this name and redo it")
+
     add_evaluate_parser(sub)
 
     p = sub.add_parser("info", help="what a run folder holds")
@@ -211,7 +263,55 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from .fusion.stage import run_fuse
 
     doc = load_yaml(args.config) if args.config else None
-    run_fuse(args.run, resolve("fuse", doc, _values(args)), force=bool(args.force), progress=not args.quiet)
+    cfg = resolve("fuse", doc, _values(args))
+    run_fuse(args.run, cfg, force=bool(args.force), progress=not args.quiet)
+    refined = _refine_after(args, doc, cfg.name)
+    if refined:
+        print(f"next: tailfuse decode --run {args.run} --name {refined}")
+    return 0
+
+
+def _refine_after(args, doc, source: str) -> str | None:
+    """`fuse --refine` / `run --refine`: refine the fused set into <source>-refined; returns that name."""
+    if not getattr(args, "refine", None):
+        return None
+    from .diffusion.refine import run_refine
+
+    vals = {k: v for k, v in _values(args).items() if k in ("refine", "guidance", "seed", "device")}
+    cfg = resolve("refine", doc, {**vals, "source": source, "name": None})
+    run_refine(args.run, cfg, progress=not args.quiet)
+    return cfg.out_name
+
+
+def cmd_train_prior(args: argparse.Namespace) -> int:
+    from .diffusion.train_prior import run_train_prior
+
+    doc = load_yaml(args.config) if args.config else None
+    run_train_prior(args.run, resolve("prior", doc, _values(args)), force=bool(args.force), progress=not args.quiet)
+    return 0
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from .diffusion.refine import run_refine
+
+    doc = load_yaml(args.config) if args.config else None
+    cfg = resolve("refine", doc, _values(args))
+    run_refine(args.run, cfg, force=bool(args.force), progress=not args.quiet)
+    print(f"next: tailfuse decode --run {args.run} --name {cfg.out_name}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .diffusion.refine import run_sample
+    from .store import RunStore
+
+    if args.per_class < 1:
+        raise TailfuseError("--per-class must be at least 1.")
+    tail = RunStore(args.run).labels()["tail_labels"]
+    run_sample(args.run, {lab: args.per_class for lab in tail}, steps=args.steps, guidance=args.guidance,
+               prior=args.prior, seed=args.seed, name=args.name, device=args.device, force=bool(args.force),
+               progress=not args.quiet)
+    print(f"next: tailfuse decode --run {args.run} --name {args.name}")
     return 0
 
 
@@ -229,8 +329,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     doc = load_yaml(args.config) if args.config else None
     vals = _values(args)
     sections = {s: resolve(s, doc, vals) for s in ("data", "vae", "encode", "train", "fuse", "decode")}
-    run_all(args.run, **sections, progress=not args.quiet)
-    print(f"\ndone: images in {Path(args.run) / sections['fuse'].name / 'images'}; manifest and provenance beside them.")
+    refine = resolve("refine", doc, {k: v for k, v in vals.items() if k in ("refine", "guidance", "device")}) \
+        if vals.get("refine") else None
+    out = run_all(args.run, **sections, refine=refine, progress=not args.quiet)
+    name = out["set"]
+    print(f"\ndone: images in {Path(args.run) / name / 'images'}; manifest and provenance beside them.")
     return 0
 
 
@@ -272,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
+                "train-prior": cmd_train_prior, "refine": cmd_refine, "sample": cmd_sample,
                 "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
     try:
         return handlers[args.command](args)

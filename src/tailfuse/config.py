@@ -169,6 +169,56 @@ class DecodeConfig:
     dtype: str = "float32"
 
 
+@dataclass
+class PriorConfig:
+    """Settings of `tailfuse train-prior`: a class-conditional latent diffusion model on the run's latents."""
+
+    block_out_channels: list[int] | None = None  # UNet widths; default 32,64 on a CPU (0.65M parameters), 64,128,256 on a GPU
+    layers_per_block: int = 1
+    attention: bool = False  # self-attention in the lowest-resolution block
+    epochs: int | None = None  # default 40 on a CPU (about 10 minutes for ISIC2018-LT on 2 cores), 400 on a GPU
+    batch_size: int = 32
+    lr: float = 1e-3
+    label_dropout: float = 0.15  # labels replaced by the null embedding: classifier-free guidance
+    num_train_timesteps: int = 1000
+    t_min: int = 0  # timesteps drawn from [t_min, t_max) in training
+    t_max: int = 1000
+    ema_decay: float = 0.999
+    flips: bool = True  # random horizontal flips of the latents
+    seed: int = 0
+    device: str = "cpu"
+    name: str = "prior"  # folder of the prior in the run
+
+
+@dataclass
+class RefineConfig:
+    """Settings of `tailfuse refine`: SDEdit-style denoising of a latent set with the run's prior (or an SD UNet)."""
+
+    source: str = "synthetic"  # the latent set to refine (a fused set, by name)
+    refine: str = "10/50"  # d/N: noise to the timestep where d of N DDIM steps remain, then denoise those d steps
+    guidance: float = 2.0  # classifier-free guidance toward the sample's labels (1 = conditional only, 0 = none)
+    prior: str = "prior"  # the run's trained prior (tailfuse train-prior)
+    sd: str | None = None  # instead: a Stable Diffusion folder (diffusers layout: unet/, text_encoder/, tokenizer/, vae/)
+    prompt_template: str = "{labels}"  # SD only: the prompt, {labels} = the sample's label names joined by ", "
+    seed: int = 0
+    batch_size: int = 64
+    name: str | None = None  # output set; default <source>-refined
+    device: str = "cpu"
+
+    def steps(self) -> tuple[int, int]:
+        try:
+            d, n = (int(v) for v in str(self.refine).split("/"))
+        except ValueError:
+            raise TailfuseError(f"--refine '{self.refine}' must be d/N, e.g. 10/50 (d of N DDIM steps).") from None
+        if n < 1 or not 0 <= d <= n:
+            raise TailfuseError(f"--refine {self.refine}: need N >= 1 and 0 <= d <= N.")
+        return d, n
+
+    @property
+    def out_name(self) -> str:
+        return self.name or f"{self.source}-refined"
+
+
 from .evaluate.config import EvaluateConfig  # noqa: E402  (its own module: the evaluate package owns it)
 
 SECTIONS: dict[str, type] = {
@@ -178,6 +228,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "fuse": FuseConfig,
     "decode": DecodeConfig,
+    "prior": PriorConfig,
+    "refine": RefineConfig,
     "evaluate": EvaluateConfig,
 }
 

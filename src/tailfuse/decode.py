@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .codec import VAECodec
 from .config import DecodeConfig, stable_hash
 from .errors import TailfuseError
-from .fusion.stage import synthetic_latents
+from .fusion.stage import latent_set
 from .images import save_png
 from .store import RunStore, now, open_stage, write_csv_atomic, write_text_atomic
 
@@ -91,9 +91,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     if not 0 <= cfg.near_copy_quantile < 1:
         raise TailfuseError(f"--near-copy-quantile {cfg.near_copy_quantile} must be in [0, 1).")
     store = RunStore(run)
-    fuse_rec = store.stage(f"fuse-{cfg.name}")
-    if not fuse_rec or fuse_rec.get("status") != "done":
-        raise TailfuseError(f"run folder {store.root} has no finished synthetic set '{cfg.name}'; run `tailfuse fuse` first.")
+    fuse_rec, shards, _ = latent_set(store, cfg.name)
     labels_info = store.labels()
     labels = labels_info["labels"]
     enc = store.stage("encode")
@@ -122,8 +120,10 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     table["path"] = [_image_relpath(r, labels, folder_layout) for _, r in table.iterrows()]
     paths = dict(zip(table["synth_id"], table["path"]))
     by_id = table.set_index("synth_id")
-    shards = synthetic_latents(store, cfg.name)
     sources = None
+    if cfg.pixel_detail and not {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns):
+        raise TailfuseError(f"pixel detail needs a fused set (its source images and masks); '{cfg.name}' was not made "
+                            "by fusion. Decode it without --pixel-detail.")
     if cfg.pixel_detail:
         ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int)))
         sources = _Sources(store, codec, ids, progress)

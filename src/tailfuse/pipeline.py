@@ -1,8 +1,9 @@
-"""`tailfuse run`: encode, train, fuse and decode in one go; every stage skipped when done, all resumable."""
+"""`tailfuse run`: encode, train, fuse (train-prior and refine with --refine) and decode in one go; every stage
+skipped when done, all resumable."""
 
 from __future__ import annotations
 
-from .config import DataConfig, DecodeConfig, EncodeConfig, FuseConfig, TrainConfig, VAEConfig
+from .config import DataConfig, DecodeConfig, EncodeConfig, FuseConfig, PriorConfig, RefineConfig, TrainConfig, VAEConfig
 
 
 def run_all(
@@ -13,6 +14,8 @@ def run_all(
     train: TrainConfig,
     fuse: FuseConfig,
     decode: DecodeConfig,
+    refine: RefineConfig | None = None,
+    prior: PriorConfig | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
@@ -28,7 +31,20 @@ def run_all(
     log("== fuse")
     fuse.model = train.model_name
     fuse_rec = run_fuse(run, fuse, progress=progress, log=log)
+    name = fuse.name
+    out = {"train": train_rec, "fuse": fuse_rec}
+    if refine is not None:
+        from .diffusion.refine import run_refine
+        from .diffusion.train_prior import run_train_prior
+
+        log("== train-prior")
+        out["prior"] = run_train_prior(run, prior or PriorConfig(), progress=progress, log=log)
+        log("== refine")
+        refine.source, refine.prior = name, (prior or PriorConfig()).name
+        out["refine"] = run_refine(run, refine, progress=progress, log=log)
+        name = refine.out_name
     log("== decode")
-    decode.name = fuse.name
-    dec_rec = run_decode(run, decode, progress=progress, log=log)
-    return {"train": train_rec, "fuse": fuse_rec, "decode": dec_rec}
+    decode.name = name
+    out["decode"] = run_decode(run, decode, progress=progress, log=log)
+    out["set"] = name
+    return out

@@ -59,9 +59,60 @@ def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bo
     return time.time() - t
 
 
+def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool, log) -> float:
+    """Train the run's latent prior with its settings from run.yaml (or the defaults) when missing; seconds spent."""
+    rec = store.stage("prior")
+    if rec and rec.get("status") == "done":
+        return 0.0
+    if not cfg.train_missing:
+        raise TailfuseError(f"run folder {store.root} has no trained prior; run `tailfuse train-prior --run "
+                            f"{store.root}` first, or leave the diffusion arms out with --arms.")
+    from ..config import PriorConfig
+    from ..diffusion.train_prior import run_train_prior
+
+    known = {f.name for f in fields(PriorConfig)}
+    base = {k: v for k, v in (store.config().get("prior") or {}).items() if k in known}
+    base.update(name="prior")
+    log("evaluate: training the latent prior (the diffusion arms need it)")
+    t = time.time()
+    run_train_prior(str(store.root), PriorConfig(**base), progress=progress, log=log)
+    return time.time() - t
+
+
+def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], log, arm: str) -> tuple[pd.DataFrame, list[int], dict]:
+    """The manifest rows of a decoded set that make the budget: the first n_l selected samples of each tail label."""
+    folder = store.root / name
+    prov = pd.read_json(folder / "provenance.jsonl", lines=True)
+    if "selected" in prov.columns:
+        prov = prov[prov["selected"].astype(bool)].reset_index(drop=True)
+    man = pd.read_csv(folder / "manifest.csv")
+    if len(prov) != len(man):
+        raise TailfuseError(f"{folder}: manifest.csv and provenance.jsonl differ in length; rerun with --force.")
+    keep = []
+    for lab, n in per_label.items():
+        keep.extend(np.flatnonzero((prov["tail_label"] == lab).to_numpy())[:n].tolist())
+    keep = sorted(keep)
+    short = {lab: n - int((prov["tail_label"] == lab).sum()) for lab, n in per_label.items()}
+    short = {lab: v for lab, v in short.items() if v > 0}
+    if short:
+        log(f"evaluate: arm '{arm}' has fewer samples than budgeted (" + ", ".join(f"{k} -{v}" for k, v in short.items())
+            + "): selection left slots empty")
+    return man.iloc[keep].reset_index(drop=True), prov["tail_label"].iloc[keep].tolist(), short
+
+
+def _decode(store: RunStore, dcfg: DecodeConfig, force: bool, progress: bool, log) -> dict:
+    from ..decode import run_decode
+
+    try:
+        return run_decode(str(store.root), dcfg, force=force, progress=progress, log=log)
+    except StageMismatch:
+        return run_decode(str(store.root), dcfg, force=True, progress=progress, log=log)
+
+
 def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
                       log, force: bool = False) -> dict:
-    from ..decode import run_decode
+    from ..config import RefineConfig
+    from ..diffusion.refine import run_refine
     from ..fusion.stage import run_fuse
 
     spec = {**FUSION_ARMS[arm.base], **dict(arm.fuse)}
@@ -76,39 +127,54 @@ def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], 
     except StageMismatch:
         log(f"evaluate: the synthetic set of arm '{arm.name}' was made with other settings; making it again")
         run_fuse(str(store.root), fcfg, force=True, progress=progress, log=log)
-    dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, **dict(arm.decode))
-    try:
-        run_decode(str(store.root), dcfg, force=force, progress=progress, log=log)
-    except StageMismatch:
-        run_decode(str(store.root), dcfg, force=True, progress=progress, log=log)
-    folder = store.root / name
-    prov = pd.read_json(folder / "provenance.jsonl", lines=True)
-    if "selected" in prov.columns:
-        prov = prov[prov["selected"].astype(bool)].reset_index(drop=True)
-    man = pd.read_csv(folder / "manifest.csv")
-    if len(prov) != len(man):
-        raise TailfuseError(f"{folder}: manifest.csv and provenance.jsonl differ in length; rerun with --force.")
-    keep = []
-    for lab, n in per_label.items():
-        keep.extend(np.flatnonzero((prov["tail_label"] == lab).to_numpy())[:n].tolist())
-    keep = sorted(keep)
     fuse_rec = store.stage(f"fuse-{name}")
-    dec_rec = store.stage(f"decode-{name}")
-    made = {"n_made": int(fuse_rec["n_synthetic"]), "n_used": len(keep), "model": fuse_rec["model"],
-            "fuse_seconds": fuse_rec.get("seconds"), "decode_seconds": dec_rec.get("seconds"),
-            "settings": {**{k: v for k, v in asdict(fcfg).items() if k not in ("name", "device")},
-                         **{k: v for k, v in asdict(dcfg).items() if k not in ("name", "device")}}}
+    made = {"n_made": int(fuse_rec["n_synthetic"]), "model": fuse_rec["model"], "fuse_seconds": fuse_rec.get("seconds")}
+    identity = {"fuse": fuse_rec["config_hash"]}
+    ref = arm.refine_settings()
+    settings = {k: v for k, v in asdict(fcfg).items() if k not in ("name", "device")}
+    if ref:
+        rcfg = RefineConfig(source=name, refine=ref["refine"], guidance=float(ref.get("guidance", 2.0)),
+                            seed=cfg.data_seed, name=f"{name}-refined", device=cfg.device)
+        try:
+            rrec = run_refine(str(store.root), rcfg, force=force, progress=progress, log=log)
+        except StageMismatch:
+            rrec = run_refine(str(store.root), rcfg, force=True, progress=progress, log=log)
+        name = rcfg.out_name
+        made["refine_seconds"] = rrec.get("seconds")
+        identity["refine"] = rrec["config_hash"]
+        settings.update(refine=rcfg.refine, guidance=rcfg.guidance)
+    dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, **dict(arm.decode))
+    dec_rec = _decode(store, dcfg, force, progress, log)
+    man, tail_label, short = _decoded_set(store, name, per_label, log, arm.name)
+    made.update(n_used=len(man), decode_seconds=dec_rec.get("seconds"),
+                settings={**settings, **{k: v for k, v in asdict(dcfg).items() if k not in ("name", "device")}})
     if dec_rec.get("selection"):
         made["selection"] = dec_rec["selection"]
-    short = {lab: n - int((prov["tail_label"] == lab).sum()) for lab, n in per_label.items()}
-    short = {lab: v for lab, v in short.items() if v > 0}
     if short:
         made["short"] = short
-        log(f"evaluate: arm '{arm.name}' has fewer samples than budgeted (" + ", ".join(f"{k} -{v}" for k, v in short.items())
-            + "): selection left slots empty")
-    return {"folder": folder, "manifest": man.iloc[keep].reset_index(drop=True),
-            "tail_label": prov["tail_label"].iloc[keep].tolist(),
-            "identity": {"fuse": fuse_rec["config_hash"], "decode": dec_rec["config_hash"]}, "made": made}
+    identity["decode"] = dec_rec["config_hash"]
+    return {"folder": store.root / name, "manifest": man, "tail_label": tail_label, "identity": identity, "made": made}
+
+
+def _prior_sample_set(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
+                      log, force: bool = False) -> dict:
+    from ..diffusion.refine import run_sample
+
+    st = arm.settings()
+    name = f"eval/{arm.slug}"
+    kw = dict(steps=int(st["steps"]), guidance=float(st["guidance"]), seed=cfg.data_seed, name=name, device=cfg.device,
+              progress=progress, log=log)
+    try:
+        rec = run_sample(str(store.root), per_label, force=force, **kw)
+    except StageMismatch:
+        rec = run_sample(str(store.root), per_label, force=True, **kw)
+    dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, drop_near_copies=bool(st["drop_near_copies"]))
+    dec_rec = _decode(store, dcfg, force, progress, log)
+    man, tail_label, short = _decoded_set(store, name, per_label, log, arm.name)
+    made = {"n_made": int(rec["n_synthetic"]), "n_used": len(man), "sample_seconds": rec.get("seconds"),
+            "decode_seconds": dec_rec.get("seconds"), "settings": st, **({"short": short} if short else {})}
+    return {"folder": store.root / name, "manifest": man, "tail_label": tail_label,
+            "identity": {"sample": rec["config_hash"], "decode": dec_rec["config_hash"]}, "made": made}
 
 
 def _roundtrip_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log) -> dict:
@@ -224,6 +290,8 @@ def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg
                             "--per-class).")
     if arm.is_fusion:
         out = _fuse_with_budget(store, arm, per_label, cfg, progress, log, force)
+    elif arm.base == "prior-sample":
+        out = _prior_sample_set(store, arm, per_label, cfg, progress, log, force)
     elif arm.base == "vae-roundtrip":
         out = _roundtrip_set(store, per_label, cfg, progress, log)
     else:
@@ -245,3 +313,45 @@ def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg
                             "with --force.")
     out["identity"]["manifest_sha256"] = file_sha256(Path(out["folder"]) / "manifest.csv")
     return out
+
+
+def feature_diffusion_set(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig,
+                          x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                          progress: bool, log) -> dict:
+    """LDMLR-style baseline: a small conditional diffusion model (``FeaturePrior``, the same trainer as the latent
+    prior) on the real training images' frozen classifier features; tail features sampled with DDIM and guidance,
+    budgeted like every arm (label vectors planned as for prior sampling). No images: the features join the
+    classifier's training set directly. Cached under ``<run>/eval/<arm>/``."""
+    import torch
+
+    from ..config import PriorConfig
+    from ..diffusion import samplers
+    from ..diffusion.refine import _sample_noise, tail_plan_labels
+    from ..diffusion.train_prior import train_feature_prior
+
+    st = arm.settings()
+    folder = store.root / "eval" / arm.slug
+    tl, ys, src = tail_plan_labels(store, per_label)
+    ident = stable_hash({"x": stable_hash(np.round(x_train, 4).tolist()), "y": y_train.tolist(), "settings": st,
+                         "labels": ys.tolist(), "seed": cfg.data_seed})
+    cache = folder / f"features-{ident[:16]}.npz"
+    t0 = time.time()
+    if cache.is_file():
+        with np.load(cache) as z:
+            gen = z["features"]
+    else:
+        pcfg = PriorConfig(epochs=int(st["epochs"]), batch_size=64, lr=1e-3, seed=cfg.data_seed)
+        model = train_feature_prior(x_train, y_train, x_val, y_val, pcfg, folder / f"model-{ident[:16]}", progress, log)
+        sched = samplers.ddim_scheduler(model.scheduler())
+        with torch.no_grad():
+            eps = samplers.guided(model, torch.from_numpy(ys), float(st["guidance"]))
+            noise = _sample_noise(cfg.data_seed, range(len(tl)), (x_train.shape[1],))
+            gen = model.destandardise(samplers.sample(eps, noise, sched, int(st["steps"]))).numpy()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".features-{os.getpid()}.npz"
+        np.savez(tmp, features=gen, labels=ys, tail_label=np.array(tl), source=np.array(src))
+        os.replace(tmp, cache)
+    return {"features": gen.astype(np.float32), "y": ys.astype(np.float64), "tail_label": tl,
+            "identity": {"feature_diffusion": ident},
+            "made": {"n_made": len(tl), "seconds": round(time.time() - t0, 2), "settings": st,
+                     "method": "LDMLR-style: conditional DDPM (residual MLP) on frozen EfficientNet-Lite0 features"}}

@@ -119,6 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     vals = {k: v for k, v in vars(args).items() if v is not None and k not in ("run", "config", "quiet", "force", "command")}
     cfg = resolve("evaluate", doc, vals)
     res = run_evaluate(args.run, cfg, force=bool(args.force), progress=not args.quiet, command=_command(args))
+    args.output = res["output"]  # for callers (benchmarks/bench_evaluate.py)
     rows = []
     for arm, e in res["arms"].items():
         d = e.get("delta_map_tail_vs_real")

@@ -11,17 +11,24 @@ from ..errors import TailfuseError
 ARMS = ("real", "reweight", "oversample", "smote", "mixup", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation",
         "reference")
 # arms run only when named with --arms: tailfuse with the `kept` label policy (multi-label data; on multi-class data
-# it equals `tailfuse`)
-OPTIONAL_ARMS = ("tailfuse-kept",)
+# it equals `tailfuse`); the diffusion arms, which need the run's prior (`tailfuse train-prior`, trained first when
+# missing): fusion refined by the prior, full sampling from noise, and LDMLR-style sampling of classifier features
+OPTIONAL_ARMS = ("tailfuse-kept", "tailfuse-refined", "prior-sample", "feature-diffusion")
 # arms made by fusion: they take settings in brackets, e.g. tailfuse[candidates=3,soft_labels=true]
 FUSION_ARMS = {
     "tailfuse": {"model": "train"},
     "tailfuse-no-imitation": {"model": "train-no-imitation"},
     "reference": {"model": "train", "cam": "eigencam", "labels_policy": "tail"},
     "tailfuse-kept": {"model": "train", "labels_policy": "kept"},
+    "tailfuse-refined": {"model": "train"},
 }
+# refinement settings of the fusion arms (tailfuse-refined refines by default; any fusion arm with refine=d/N does)
+REFINE_DEFAULTS = {"tailfuse-refined": {"refine": "10/50", "guidance": 2.0}}
+# settings of the other diffusion arms, with their defaults
+DIFFUSION_ARM_SETTINGS = {"prior-sample": {"steps": 50, "guidance": 2.0, "drop_near_copies": False},
+                          "feature-diffusion": {"steps": 50, "guidance": 2.0, "epochs": 300}}
 # arms whose new samples are PNG images (made once per run, seed ``data_seed``) rather than rows or feature mixes
-IMAGE_ARMS = ("smote", "vae-roundtrip", *FUSION_ARMS)
+IMAGE_ARMS = ("smote", "vae-roundtrip", "prior-sample", *FUSION_ARMS)
 # arms that add no samples (the budget does not apply)
 NO_BUDGET_ARMS = ("real", "reweight")
 CLASSIFIERS = ("linear", "finetune", "cnn")
@@ -32,18 +39,21 @@ _NOT_OVERRIDABLE = {"name", "per_class", "balance_to", "seed", "device", "vae", 
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """An arm: its base (one of ARMS / OPTIONAL_ARMS) and, for fusion arms, settings overriding the base's."""
+    """An arm: its base (one of ARMS / OPTIONAL_ARMS) and settings overriding the base's (fusion arms: FuseConfig,
+    DecodeConfig and refinement settings; diffusion arms: their own)."""
 
     name: str  # as given, e.g. "tailfuse[candidates=3]"
     base: str
     fuse: tuple = ()  # ((key, value), ...) for FuseConfig
     decode: tuple = ()  # ((key, value), ...) for DecodeConfig
+    refine: tuple = ()  # ((key, value), ...): refine (d/N), guidance
+    other: tuple = ()  # ((key, value), ...): a diffusion arm's own settings
 
     @property
     def slug(self) -> str:
         """Folder name of the arm's synthetic set."""
         out = self.base
-        for k, v in (*self.fuse, *self.decode):
+        for k, v in (*self.fuse, *self.decode, *self.refine, *self.other):
             out += f"--{k}-{v}"
         return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in out)
 
@@ -54,6 +64,17 @@ class ArmSpec:
     @property
     def is_fusion(self) -> bool:
         return self.base in FUSION_ARMS
+
+    def refine_settings(self) -> dict | None:
+        r = {**REFINE_DEFAULTS.get(self.base, {}), **dict(self.refine)}
+        return r if r.get("refine") else None
+
+    def settings(self) -> dict:
+        return {**DIFFUSION_ARM_SETTINGS.get(self.base, {}), **dict(self.other)}
+
+    @property
+    def needs_prior(self) -> bool:
+        return self.base in ("prior-sample",) or self.refine_settings() is not None
 
 
 def parse_arm(spec: str) -> ArmSpec:
@@ -67,12 +88,17 @@ def parse_arm(spec: str) -> ArmSpec:
                             "settings in brackets, e.g. 'tailfuse[candidates=3]').")
     if not rest:
         return ArmSpec(spec, base)
-    if base not in FUSION_ARMS or not rest.endswith("]"):
-        raise TailfuseError(f"arm '{spec}': only the fusion arms ({', '.join(FUSION_ARMS)}) take settings, written "
-                            "as name[key=value,key=value].")
-    fuse_keys = {f.name for f in fields(FuseConfig)} - _NOT_OVERRIDABLE
-    dec_keys = {f.name for f in fields(DecodeConfig)} - _NOT_OVERRIDABLE
-    fu, de = [], []
+    takes = FUSION_ARMS.keys() | DIFFUSION_ARM_SETTINGS.keys()
+    if base not in takes or not rest.endswith("]"):
+        raise TailfuseError(f"arm '{spec}': only the arms {', '.join(sorted(takes))} take settings, written as "
+                            "name[key=value,key=value].")
+    if base in FUSION_ARMS:
+        groups = {"fuse": {f.name for f in fields(FuseConfig)} - _NOT_OVERRIDABLE,
+                  "decode": {f.name for f in fields(DecodeConfig)} - _NOT_OVERRIDABLE,
+                  "refine": {"refine", "guidance"}}
+    else:
+        groups = {"other": set(DIFFUSION_ARM_SETTINGS[base])}
+    found: dict[str, list] = {g: [] for g in groups}
     for part in [p for p in rest[:-1].split(",") if p.strip()]:
         key, eq, value = part.partition("=")
         key = key.strip().replace("-", "_")
@@ -82,14 +108,14 @@ def parse_arm(spec: str) -> ArmSpec:
             val = yaml.safe_load(value.strip())
         except yaml.YAMLError:
             val = value.strip()
-        if key in fuse_keys:
-            fu.append((key, val))
-        elif key in dec_keys:
-            de.append((key, val))
-        else:
-            raise TailfuseError(f"arm '{spec}': unknown setting '{key}'; fusion arms take "
-                                f"{', '.join(sorted(fuse_keys | dec_keys))}.")
-    return ArmSpec(spec, base, tuple(sorted(fu)), tuple(sorted(de)))
+        if key == "refine":
+            val = str(value.strip())
+        group = next((g for g, keys in groups.items() if key in keys), None)
+        if group is None:
+            raise TailfuseError(f"arm '{spec}': unknown setting '{key}'; this arm takes "
+                                f"{', '.join(sorted(set().union(*groups.values())))}.")
+        found[group].append((key, val))
+    return ArmSpec(spec, base, **{g: tuple(sorted(v)) for g, v in found.items()})
 
 
 @dataclass

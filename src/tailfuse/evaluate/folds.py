@@ -226,6 +226,9 @@ def _mean_quality(qs: list[dict]) -> dict:
         aucs = [(p.get("separability") or {}).get("auc") for p in per]
         aucs = [a for a in aucs if a is not None]
         m["separability"] = {"auc": float(np.mean(aucs)) if aucs else None, "per_fold": aucs}
+        mems = [(p.get("memorisation") or {}).get("share") for p in per]
+        mems = [v for v in mems if v is not None]
+        m["memorisation"] = {"share": float(np.mean(mems)) if mems else None, "per_fold": mems}
         m["per_fold"] = per
         out["sets"][name] = m
     return out

@@ -201,6 +201,14 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         sec = ensure_no_imitation_model(store, cfg, progress, log)
         if sec:
             extra_seconds["train-no-imitation model training (not part of the evaluation budget)"] = round(sec, 1)
+    if any(s.needs_prior for s in specs):
+        from .arms import ensure_prior
+
+        sec = ensure_prior(store, cfg, progress, log)
+        if sec:
+            extra_seconds["latent prior training (not part of the evaluation budget)"] = round(sec, 1)
+    if cfg.classifier != "linear" and any(s.base == "feature-diffusion" for s in specs):
+        raise TailfuseError("the feature-diffusion arm generates classifier features: it needs --classifier linear.")
     arm_sets: dict[str, dict] = {}
     for spec in [s for s in specs if s.is_image]:
         from .arms import make_image_arm
@@ -228,6 +236,16 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
                                cfg.feature_batch_size, progress, resize=resize, desc="EfficientNet-Lite0 features")
         features_seconds = round(time.time() - t, 2)
         log(f"evaluate: features of {len(pool.paths)} images in {features_seconds:.1f} s (cached)")
+        for spec in [s for s in specs if s.base == "feature-diffusion"]:  # generated features join the pool
+            from .arms import feature_diffusion_set
+
+            t = time.time()
+            fd = feature_diffusion_set(store, spec, n_max, cfg, feats[rows_real["train"]], y_tr.astype(np.float32),
+                                       feats[rows_real["val"]], y_va.astype(np.float32), progress, log)
+            rows_arm[spec.name] = np.arange(len(feats), len(feats) + len(fd["features"]))
+            feats = np.concatenate([feats, fd["features"]])
+            arm_sets[spec.name] = {**fd, "folder": store.root / "eval" / spec.slug, "no_images": True}
+            timings[spec.name]["synthetic_set"] = round(time.time() - t, 2)
     images = None
     if cfg.classifier != "linear":
         from ..images import load_image
@@ -328,9 +346,13 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         from .quality_stage import run_quality
 
         t = time.time()
-        main_sets = {name: {**st, "paths": [st["paths"][i] for i in _first_per_label(st["tail_label"],
-                                                                                      buds[MAIN]["per_label"])]}
-                     for name, st in arm_sets.items()}
+        main_sets = {}
+        for name, st in arm_sets.items():
+            if st.get("no_images"):
+                continue
+            sel = _first_per_label(st["tail_label"], buds[MAIN]["per_label"])
+            main_sets[name] = {**st, "paths": [st["paths"][i] for i in sel],
+                               "main_tail_label": [st["tail_label"][i] for i in sel]}
         quality = run_quality(store, cfg, tail, split, main_sets, feats, pool.where, image_size, resize, progress, log)
         quality["seconds"] = round(time.time() - t, 2)
     return {

@@ -129,3 +129,21 @@ def separability_auc(real: np.ndarray, synthetic: np.ndarray, seed: int = 0, fol
         p = cross_val_predict(model, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                               method="predict_proba")[:, 1]
     return {"auc": float(roc_auc_score(y, p)), "n_per_class": int(m), "folds": folds}
+
+
+def memorisation(train: np.ndarray, synthetic: np.ndarray, groups: list[str] | None = None, ratio: float = 1 / 3) -> dict:
+    """Near-copies of training images (Gu et al. 2025): the share of synthetic vectors whose nearest training vector
+    is closer than ``ratio`` times the distance to the second nearest (features standardised with the training
+    vectors' mean and standard deviation), overall and per group (e.g. the sample's tail label)."""
+    tr = np.asarray(train, dtype=np.float64)
+    mu, sd = tr.mean(0), tr.std(0) + 1e-6
+    d = _pairwise((np.asarray(synthetic, dtype=np.float64) - mu) / sd, (tr - mu) / sd)
+    if d.shape[1] < 2 or not len(d):
+        return {"share": None, "ratio": ratio, "n": int(len(d))}
+    two = np.sort(d, axis=1)[:, :2]
+    near = two[:, 0] < ratio * two[:, 1]
+    out = {"share": float(near.mean()), "ratio": ratio, "n": int(len(d))}
+    if groups is not None:
+        g = np.asarray(groups)
+        out["per_label"] = {str(k): float(near[g == k].mean()) for k in dict.fromkeys(groups)}
+    return out

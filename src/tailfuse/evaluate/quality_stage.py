@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import EvaluateConfig
-from .quality import InceptionFID, frechet_distance, knn_precision_recall, separability_auc
+from .quality import InceptionFID, frechet_distance, knn_precision_recall, memorisation, separability_auc
 
 
 FLOOR = "floor (real train)"
@@ -58,6 +58,7 @@ def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where,
     te_inc = np.stack([inc_of[p] for p in test_paths])
     te_dom = np.stack([dom_of[p] for p in test_paths])
     tr_dom = np.stack([feats[where[p]] for p in train_paths])
+    all_train_dom = np.stack([feats[where[p]] for p in split["train"]["abs_path"]])
     for name, paths in sets.items():
         if len(paths) < 2:
             out["sets"][name] = {"n_synthetic": len(paths), "note": "fewer than 2 images"}
@@ -79,6 +80,11 @@ def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where,
         sep_paths = all_test_paths if name == FLOOR else list(dict.fromkeys(arm_sets[name]["paths"]))
         out["sets"][name]["separability"] = separability_auc(tr_dom, np.stack([feats[where[p]] for p in sep_paths]),
                                                              cfg.data_seed)
+        # near-copies of real training images, per tail label (the floor: real test images against real train)
+        mem_paths = all_test_paths if name == FLOOR else arm_sets[name]["paths"]
+        mem_groups = None if name == FLOOR else arm_sets[name]["main_tail_label"]
+        out["sets"][name]["memorisation"] = memorisation(all_train_dom, np.stack([feats[where[p]] for p in mem_paths]),
+                                                         mem_groups)
         auc = out["sets"][name]["separability"]["auc"]
         log(f"evaluate: quality of {name}: FID {out['sets'][name]['fid']:.1f}, domain FD "
             f"{out['sets'][name]['fd_domain']:.1f} ({len(paths)} vs {len(test_paths)} images), separability AUC "

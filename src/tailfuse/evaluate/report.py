@@ -106,18 +106,21 @@ def results_markdown(r: dict) -> str:
                   "floor (real train vs real test) is what real images of the same labels score. Precision / recall: "
                   "k-NN manifolds (k = 3), Inception and EfficientNet-Lite0 (domain) features. Separability: AUC of a "
                   "cross-validated logistic regression telling the set's images from the real tail training images "
-                  "on the frozen EfficientNet-Lite0 features (0.5 = indistinguishable; the floor row: real test images)."
+                  "on the frozen EfficientNet-Lite0 features (0.5 = indistinguishable; the floor row: real test images). "
+                  "Near-copies: share of images whose nearest real training image is closer than 1/3 of the distance "
+                  "to the second nearest (same features; the floor row: real test images)."
                   + (" Fold figures are means over folds." if folds else ""), "",
-                  "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) | separability AUC |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) | separability AUC | near-copies |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in q["sets"].items():
             if "fid" not in s:
-                lines.append(f"| {name} | {s.get('n_synthetic', 0)} | – | – | – | – | – | – | – |")
+                lines.append(f"| {name} | {s.get('n_synthetic', 0)} | – | – | – | – | – | – | – | – |")
                 continue
             sep = (s.get("separability") or {}).get("auc")
+            mem = (s.get("memorisation") or {}).get("share")
             lines.append(f"| {name} | {s['n_images']} of {s['n_available']} | {_f(s['fid'], 1)} | {_f(s['fd_domain'], 1)} | "
                          f"{_f(s['precision'], 2)} | {_f(s['recall'], 2)} | {_f(s['precision_domain'], 2)} | "
-                         f"{_f(s['recall_domain'], 2)} | {_f(sep, 3)} |")
+                         f"{_f(s['recall_domain'], 2)} | {_f(sep, 3)} | {_f(mem, 3)} |")
     elif q and q.get("note"):
         lines += ["", f"Image quality: {q['note']}."]
     sel = {a: e["synthetic_set"]["selection"] for a, e in arms.items() if (e.get("synthetic_set") or {}).get("selection")}
@@ -133,7 +136,7 @@ def results_markdown(r: dict) -> str:
         made = e.get("synthetic_set") or {}
         made_s = made.get("seconds")
         if made_s is None and made.get("decode_seconds") is not None:
-            made_s = (made.get("fuse_seconds") or 0) + made["decode_seconds"]
+            made_s = sum(made.get(k) or 0 for k in ("fuse_seconds", "refine_seconds", "sample_seconds", "decode_seconds"))
         parts = [f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s.items() if isinstance(v, (int, float))]
         if made_s is not None:
             parts.append(f"set made in {made_s:.1f} s")

@@ -363,8 +363,21 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     return rec
 
 
+LATENT_SET_STAGES = ("fuse", "refine", "sample")  # the stages that make a set of synthetic latents
+
+
+def latent_set(store: RunStore, name: str = "synthetic") -> tuple[dict, ShardSet, Path]:
+    """A finished set of synthetic latents, whichever stage made it: (its stage record, its shards, its folder)."""
+    for kind in LATENT_SET_STAGES:
+        rec = store.stage(f"{kind}-{name}")
+        if rec is not None:
+            if rec.get("status") != "done":
+                raise TailfuseError(f"the latent set '{name}' in {store.root} is unfinished; rerun `tailfuse {kind}` "
+                                    "to complete it.")
+            return rec, ShardSet(store.root / name, rec["files"], id_key="synth_id"), store.root / name
+    raise TailfuseError(f"run folder {store.root} has no latent set '{name}'; run `tailfuse fuse --run {store.root}` "
+                        "(or `tailfuse refine`) first.")
+
+
 def synthetic_latents(store: RunStore, name: str = "synthetic") -> ShardSet:
-    rec = store.stage(f"fuse-{name}")
-    if not rec or rec.get("status") != "done":
-        raise TailfuseError(f"run folder {store.root} has no finished synthetic set '{name}'; run `tailfuse fuse` first.")
-    return ShardSet(store.root / name, rec["files"], id_key="synth_id")
+    return latent_set(store, name)[1]
