@@ -23,7 +23,7 @@ from tailfuse.store import RunStore
 from tailfuse.train import run_train
 from tiny import tiny_autoencoder_tiny
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = dict(progress=False)
 TINY_PRIOR = dict(block_out_channels=[8, 16], epochs=3, batch_size=16)
 
 

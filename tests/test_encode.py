@@ -60,7 +60,6 @@ def _encode(manifest, vae, run, **kw):
         EncodeConfig(**{"batch_size": 4, "shard_size": 8, **enc_kw}),
         str(run),
         progress=False,
-        log=lambda *a: None,
         **kw,
     )
 
@@ -106,7 +105,8 @@ def test_strict_makes_unreadable_images_fatal_and_keeps_finished_shards(tmp_path
     with pytest.raises(TailfuseError, match=r"line 26: img/text.png: not a readable image"):
         _encode(manifest, tiny_vae, tmp_path / "run", strict=True)
     rec = RunStore(tmp_path / "run").stage("encode")
-    assert rec["status"] == "running" and len(rec["shards"]) == 3  # 24 good rows = 3 finished shards kept
+    markers = list((tmp_path / "run" / "stages" / "encode.shards").glob("*.json"))
+    assert rec["status"] == "running" and len(markers) == 3  # 24 good rows = 3 finished shards kept
 
 
 def test_run_folder_inside_input_refused(tmp_path, tiny_vae):
@@ -166,21 +166,19 @@ def test_kill_and_resume_gives_identical_latents(tmp_path, isic_dir, taesd_path)
     cmd = [sys.executable, "-m", "tailfuse", *args]
     proc = subprocess.Popen([*cmd, "--run", str(tmp_path / "killed")], env=env, stderr=subprocess.PIPE)
     rec_path = tmp_path / "killed" / "stages" / "encode.json"
+    marker_dir = tmp_path / "killed" / "stages" / "encode.shards"  # one done-marker per finished shard
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if rec_path.exists():
-            try:
-                if len(json.loads(rec_path.read_text())["shards"]) >= 3:
-                    break
-            except (json.JSONDecodeError, KeyError):
-                pass
+        if marker_dir.is_dir() and len(list(marker_dir.glob("*.json"))) >= 3:
+            break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     rec = json.loads(rec_path.read_text())
-    assert rec["status"] == "running" and 3 <= len(rec["shards"]) < rec["n_shards"]
-    done_files = {k: (tmp_path / "killed" / v["file"]) for k, v in rec["shards"].items()}
+    markers = {p.stem: json.loads(p.read_text()) for p in marker_dir.glob("*.json")}
+    assert rec["status"] == "running" and 3 <= len(markers) < rec["n_shards"]
+    done_files = {k: (tmp_path / "killed" / v["file"]) for k, v in markers.items()}
     stamps = {k: (p.stat().st_ino, p.stat().st_mtime_ns) for k, p in done_files.items()}
     subprocess.run([*cmd, "--run", str(tmp_path / "killed")], env=env, check=True, capture_output=True)
     for k, p in done_files.items():  # finished shards were not redone

@@ -20,12 +20,13 @@ from tailfuse.evaluate.cli_args import add_evaluate_parser, cmd_evaluate
 from tailfuse.evaluate.config import ARMS, EvaluateConfig
 from tailfuse.evaluate.harness import run_evaluate
 from tailfuse.evaluate.quality import frechet_distance, knn_precision_recall
-from tailfuse.evaluate.resample import budget, mixup_pairs, mlsmote, oversample_rows, smote_multiclass
+from tailfuse.budget import budget, strategy_from_flags
+from tailfuse.evaluate.resample import mixup_pairs, mlsmote, oversample_rows, smote_multiclass
 from tailfuse.store import RunStore
 from tailfuse.train import run_train
 from tiny import tiny_autoencoder_tiny
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = dict(progress=False)
 TINY_TRAIN = dict(generations=1, epochs=1, k=8, dim=4, tau=0.3, width_e=8, blocks_e=1, width_d=8, blocks_d=1,
                   width_c=8, batch_size=16)
 
@@ -121,10 +122,20 @@ def test_budget_rules():
     counts = {"h1": 100, "h2": 60, "h3": 80, "t1": 30, "t2": 4, "t3": 0}
     b = budget(counts, ["h1", "h2", "h3"], ["t1", "t2", "t3"])
     assert b["target"] == 80 and b["per_label"] == {"t1": 50, "t2": 16, "t3": 0}  # t2 capped at 5x, t3 has none
-    assert budget(counts, ["h1"], ["t1"], balance_to=40)["per_label"] == {"t1": 10}
-    assert budget(counts, ["h1"], ["t1", "t3"], per_class=7)["per_label"] == {"t1": 7, "t3": 0}
+    assert budget(counts, ["h1"], ["t1"], strategy_from_flags(balance_to=40))["per_label"] == {"t1": 10}
+    assert budget(counts, ["h1"], ["t1", "t3"], strategy_from_flags(per_class=7))["per_label"] == {"t1": 7, "t3": 0}
+    # the imbalanced-learn shapes: a ratio of the median head count, target totals, a callable
+    assert budget(counts, ["h1", "h2", "h3"], ["t1", "t2"], 0.5)["per_label"] == {"t1": 10, "t2": 16}
+    assert budget(counts, ["h1"], ["t1", "t2"], {"t1": 45})["per_label"] == {"t1": 15, "t2": 0}
+    assert budget(counts, ["h1"], ["t1", "t2"], lambda c: {k: 2 * v for k, v in c.items()})["per_label"] == {"t1": 30, "t2": 4}
     with pytest.raises(TailfuseError):
-        budget(counts, ["h1"], ["t1"], balance_to=-1)
+        strategy_from_flags(balance_to=-1)
+    with pytest.raises(TailfuseError, match="not tail labels"):
+        budget(counts, ["h1"], ["t1"], {"h1": 200})
+    with pytest.raises(TailfuseError, match="ratio must be > 0"):
+        budget(counts, ["h1"], ["t1"], -0.5)
+    with pytest.raises(TailfuseError, match="only one of"):
+        strategy_from_flags(per_class=3, balance_to=9)
 
 
 def test_oversampling_gives_the_requested_counts():

@@ -17,10 +17,10 @@ from tailfuse.fusion.neighbours import nearest
 from tailfuse.fusion.saliency import compute_maps, gaussian_smooth, rank_normalise, saliency_targets
 from tailfuse.fusion.stage import run_fuse, run_neighbours, synthetic_latents
 from tailfuse.store import RunStore, ShardSet, save_tensors_atomic
-from tailfuse.train import load_model, run_train
+from tailfuse.train import run_train
 from tiny import tiny_autoencoder_tiny
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = dict(progress=False)
 
 
 # ---- the rule on hand-made maps ---------------------------------------------------------------------------
@@ -265,7 +265,6 @@ def test_fuse_is_deterministic_and_resumes_identically(tmp_path, trained, monkey
     _fuse(a)
     import tailfuse.fusion.stage as st
 
-    calls = {"n": 0}
     orig = st.save_tensors_atomic
 
     def failing(path, tensors, metadata=None):

@@ -18,7 +18,7 @@ from tailfuse.train import load_model, run_train
 from test_encode import _make_input
 from tiny import tiny_autoencoder_tiny
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = dict(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,12 @@ def test_checkpoints_metrics_info_and_reload(tmp_path, encoded, capsys):
     z = torch.randn(2, 4, 8, 8)
     assert m1.decode(m1.code(z)).shape == z.shape and not m1.training
     # rerun: already done; other settings: refused; --force retrains
-    assert main(["train", "--run", str(run), "--generations", "2", "--epochs", "1", "--imitation-epochs", "1", "--k", "8",
-                 "--dim", "4", "--tau", "0.3", "--batch-size", "8", "--quiet"]) == 0
-    assert "already done" in capsys.readouterr().out
+    args = ["train", "--run", str(run), "--generations", "2", "--epochs", "1", "--imitation-epochs", "1", "--k", "8",
+            "--dim", "4", "--tau", "0.3", "--batch-size", "8"]
+    assert main(args) == 0
+    assert "already done" in capsys.readouterr().err  # messages go to stderr through the logger
+    assert main([*args, "--quiet"]) == 0
+    assert "already done" not in capsys.readouterr().err  # -q: warnings and errors only
     with pytest.raises(TailfuseError, match="other settings"):
         run_train(str(run), _cfg(epochs=3), **QUIET)
 

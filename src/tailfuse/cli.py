@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -94,7 +95,15 @@ def _add_decode_quality_args(g) -> None:
 def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
     p.add_argument("--run", required=run_required, help="run folder (created if needed)")
     p.add_argument("--config", help="YAML file with sections data, vae, encode, ... (flags override it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _verbosity(p)
+
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages too")
+    p.add_argument("--processes", type=int, default=argparse.SUPPRESS,
+                   help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "latent space of a pretrained diffusion VAE by iterated learning of sparse codes and saliency-guided fusion.",
     )
     ap.add_argument("--version", action="version", version=f"tailfuse {__version__}")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    ap.add_argument("--processes", type=int, default=1, help="run in N processes (encode, fuse, refine, sample and "
+                    "decode share their shards; output identical to one process)")
     sub = ap.add_subparsers(dest="command", metavar="command")
 
     p = sub.add_parser("encode", help="images -> VAE latents in the run folder (resumable)")
@@ -224,13 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a run folder holds")
     p.add_argument("--run", required=True, help="run folder")
+    _verbosity(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in ELPV solar-cell dataset (PyPI elpv-dataset)")
     p.add_argument("--run", default="tailfuse-demo", help="run folder (default ./tailfuse-demo)")
     p.add_argument("--vae", help="VAE folder or hub id (default: $TAILFUSE_VAE, else madebyollin/taesd from the hub)")
     p.add_argument("--device", help="cpu (default), cuda, ...")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _verbosity(p)
     return ap
 
 
@@ -367,12 +381,65 @@ def _sigterm(signum, frame):  # a kill is handled like Ctrl-C: finished shards a
     raise KeyboardInterrupt
 
 
+MULTI_PROCESS_COMMANDS = ("encode", "train", "fuse", "decode", "run", "train-prior", "refine", "sample", "evaluate")
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    """Messages go to stderr through the 'tailfuse' logger (-q: warnings only, -v: debug); with several processes
+    only the main one speaks."""
+    from .dist import world_size_from_env
+
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    if world_size_from_env() > 1 and os.environ.get("RANK", "0") != "0":
+        level = logging.ERROR
+        sys.stdout = open(os.devnull, "w")  # results are printed once, by the main process
+    logger = logging.getLogger("tailfuse")
+    logger.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    logger.handlers[0].setFormatter(logging.Formatter("%(message)s"))
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def _relaunch(argv: list[str], n: int) -> int:
+    """`--processes N`: the same command in N processes under torch.distributed.run (one machine)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "tailfuse",
+           *rest]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .dist import world_size_from_env
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    args.quiet = bool(getattr(args, "quiet", False))
+    _setup_logging(args.quiet, bool(getattr(args, "verbose", False)))
+    n = int(getattr(args, "processes", 1) or 1)
+    if n < 1:
+        print(f"tailfuse {args.command}: error: --processes {n}: give at least 1.", file=sys.stderr)
+        return 2
+    if n > 1 and world_size_from_env() <= 1:
+        if args.command not in MULTI_PROCESS_COMMANDS:
+            print(f"tailfuse {args.command}: error: --processes applies to {', '.join(MULTI_PROCESS_COMMANDS)}.",
+                  file=sys.stderr)
+            return 2
+        return _relaunch(argv, n)
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
                 "train-prior": cmd_train_prior, "refine": cmd_refine, "sample": cmd_sample,

@@ -142,6 +142,11 @@ class FuseConfig:
     # candidates made per synthetic sample; with M > 1 decode keeps the best of every M (by the real-data
     # classifier's probability of the tail label, near-copies of real images excluded); 1 = no selection
     candidates: int = 1
+    # the budget rule (budget.py): 'auto', a ratio of the median head-label count, or {label: total}; instead of
+    # per_class / balance_to (default: 100 per tail label); max_ratio caps 'auto' and ratios at that multiple of a
+    # label's real count
+    sampling_strategy: str | float | dict | None = None
+    max_ratio: float = 5.0
     # soft targets (columns soft_<label> in samples.csv and the manifest): multi-class, the tail label gets
     # 1 - h^0.8 and the head image's label h^0.8, h = the head image's share of the fused sample (Diff-Mix's split);
     # multi-label, the tail image's labels 1 and the head image's other labels the kept share of its salient region
@@ -151,6 +156,11 @@ class FuseConfig:
     shard_size: int = 1024
     name: str = "synthetic"  # output folder in the run
     device: str = "cpu"
+
+    # settings added after run folders existed: at their default they leave the stage's config hash as it was, so
+    # a finished set is not redone after an upgrade
+    HASH_OPTIONAL = {"neighbours_within": None, "candidates": 1, "soft_labels": False, "sampling_strategy": None,
+                     "max_ratio": 5.0}
 
 
 @dataclass
@@ -164,6 +174,7 @@ class DecodeConfig:
     drop_near_copies: bool = False
     near_copy_quantile: float = 0.05
     batch_size: int = 32
+    shard_size: int = 64  # images per shard: the unit of resumption and of sharing between processes
     vae: str | None = None  # default: the VAE the run was encoded with
     device: str = "cpu"
     dtype: str = "float32"
@@ -284,6 +295,15 @@ def resolve(section: str, yaml_doc: dict[str, dict] | None, cli_values: dict[str
     known = {f.name for f in fields(cfg)}
     cfg = update(cfg, {k: v for k, v in given.items() if k in known}, "command line")
     return cfg
+
+
+def hashed_settings(cfg: Any, exclude: tuple = ()) -> dict:
+    """A config's settings as they enter its stage's config hash: ``exclude`` left out, and fields listed in the
+    class's ``HASH_OPTIONAL`` left out while they hold the default that reproduces the behaviour from before they
+    existed."""
+    optional = getattr(type(cfg), "HASH_OPTIONAL", {})
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in exclude and not (k in optional and v == optional[k])}
 
 
 def stable_hash(obj: Any) -> str:

@@ -10,9 +10,11 @@ Output, in ``<run>/<name>/``:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,9 +25,13 @@ from tqdm.auto import tqdm
 from .codec import VAECodec
 from .config import DecodeConfig, stable_hash
 from .errors import TailfuseError
-from .fusion.stage import latent_set
+from .dist import current
 from .images import save_png
-from .store import RunStore, now, open_stage, write_csv_atomic, write_text_atomic
+from .latentset import LatentSet
+from .stage import Stage
+from .store import RunStore, write_csv_atomic, write_text_atomic
+
+log = logging.getLogger("tailfuse")
 
 
 def _image_relpath(row: pd.Series, labels: list[str], folder_layout: bool) -> str:
@@ -52,14 +58,14 @@ def pixel_detail(decoded: torch.Tensor, take_tail: torch.Tensor, feather: float,
 class _Sources:
     """Source images and their round trips for --pixel-detail, read at the run's size and resize policy."""
 
-    def __init__(self, store: RunStore, codec, ids: list[int], progress: bool):
+    def __init__(self, store: RunStore, codec, ids: list[int], progress: bool, dist=None):
         from .roundtrip import ensure_roundtrips
 
         info = store.labels()
         self.size = int(info.get("image_size") or (store.config().get("data") or {}).get("image_size") or 128)
         self.resize = (store.config().get("data") or {}).get("resize", "center-crop")
         self.abs_path = store.samples().set_index("sample_id")["abs_path"]
-        self.rt = dict(zip(ids, ensure_roundtrips(store, ids, codec, progress=progress)))
+        self.rt = dict(zip(ids, ensure_roundtrips(store, ids, codec, progress=progress, dist=dist)))
 
     def images(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
         from .images import load_image
@@ -87,56 +93,65 @@ def select_samples(table: pd.DataFrame, scores: dict[str, np.ndarray], drop_near
     return keep
 
 
-def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool = True, codec: VAECodec | None = None) -> dict:
+    """Decode the latent set ``cfg.name`` (fused, refined or sampled) to PNGs, a manifest and provenance; returns the
+    stage record. ``codec``: a loaded VAE (default: ``cfg.vae`` or the run's own). Work is split into shards of
+    ``cfg.shard_size`` images, shared between processes; a killed decode redoes at most one shard per process."""
     if not 0 <= cfg.near_copy_quantile < 1:
         raise TailfuseError(f"--near-copy-quantile {cfg.near_copy_quantile} must be in [0, 1).")
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise TailfuseError("decode batch and shard sizes must be at least 1.")
     store = RunStore(run)
-    fuse_rec, shards, _ = latent_set(store, cfg.name)
+    lset = LatentSet.open(store, cfg.name)
+    shards = lset.shards
     labels_info = store.labels()
     labels = labels_info["labels"]
     enc = store.stage("encode")
+    dist = current(cfg.device)
     vae_name = cfg.vae or enc["vae"]["name"]
-    codec = VAECodec.load(vae_name, cfg.device, cfg.dtype)
+    codec = codec or VAECodec.load(vae_name, cfg.device, cfg.dtype)
     if codec.fingerprint()["weights_sha256"] != enc["vae"]["weights_sha256"]:
-        log(f"note: decoding with VAE '{vae_name}', not the one the run was encoded with ({enc['vae']['name']})")
-    out = store.root / cfg.name
+        log.info(f"note: decoding with VAE '{codec.name}', not the one the run was encoded with ({enc['vae']['name']})")
+    out = lset.folder
     stage = f"decode-{cfg.name}"
-    table = pd.read_csv(out / "samples.csv")
+    table = lset.table()
     n_candidates = int(table["candidate"].max()) + 1 if "candidate" in table.columns and len(table) else 1
     select = n_candidates > 1 or cfg.drop_near_copies
+    if cfg.pixel_detail and not {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns):
+        raise TailfuseError(f"pixel detail needs a fused set (its source images and masks); '{cfg.name}' was not made "
+                            "by fusion. Decode it without --pixel-detail.")
     settings = {"pixel_detail": cfg.pixel_detail}
     if select:
         settings.update(drop_near_copies=cfg.drop_near_copies, near_copy_quantile=cfg.near_copy_quantile)
-    config_hash = stable_hash({"fuse": fuse_rec["config_hash"], "vae": codec.fingerprint(), **settings})
-    rec = open_stage(store, stage, config_hash, force, [out / "images", out / "manifest.csv", out / "provenance.jsonl"], log, f"decoded images of '{cfg.name}'")
-    if rec is not None and rec.get("status") == "done":
-        log(f"decode already done for '{cfg.name}' ({rec['n_images']} images); skipping (use --force to redo).")
-        return rec
-    if rec is None:
-        rec = {"stage": stage, "status": "running", "config_hash": config_hash, "vae": codec.identity(), "shards": [],
-               "settings": settings, "started_at": now(), "seconds": 0.0}
-    store.write_config(stage, asdict(cfg))
+    config_hash = stable_hash({"fuse": lset.record["config_hash"], "vae": codec.fingerprint(), **settings})
+    st = Stage.open(store, stage, config_hash, what=f"decoded images of '{cfg.name}'", force=force, dist=dist,
+                    wipe=[out / "images", out / "manifest.csv", out / "provenance.jsonl"],
+                    inputs={f"{lset.kind}-{cfg.name}": lset.record["config_hash"]},
+                    extra={"vae": codec.identity(), "settings": settings})
+    if st.done:
+        log.info(f"decode already done for '{cfg.name}' ({st.record['n_images']} images); skipping (use --force to redo).")
+        return st.record
+    if dist.is_main:
+        store.write_config(stage, asdict(cfg))
     folder_layout = labels_info.get("source") == "folder"
     table["path"] = [_image_relpath(r, labels, folder_layout) for _, r in table.iterrows()]
     paths = dict(zip(table["synth_id"], table["path"]))
     by_id = table.set_index("synth_id")
     sources = None
-    if cfg.pixel_detail and not {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns):
-        raise TailfuseError(f"pixel detail needs a fused set (its source images and masks); '{cfg.name}' was not made "
-                            "by fusion. Decode it without --pixel-detail.")
     if cfg.pixel_detail:
         ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int)))
-        sources = _Sources(store, codec, ids, progress)
-    done_shards = set(rec["shards"])
-    n_done = sum(len(ids) for si, ids in enumerate(shards._ids) if str(si) in done_shards)
-    bar = tqdm(total=len(shards), initial=n_done, desc=f"decode {cfg.name}", unit="img", disable=not progress, file=sys.stderr)
-    t0 = time.time()
+        sources = _Sources(store, codec, ids, progress and dist.is_main, dist)
+    all_ids = table["synth_id"].to_numpy()
+    chunks = [all_ids[a : a + cfg.shard_size] for a in range(0, len(all_ids), cfg.shard_size)]
+    n_done = sum(int(v["n"]) for v in st.shards().values())
+    bar = tqdm(total=len(all_ids), initial=n_done, desc=f"decode {cfg.name}", unit="img",
+               disable=not progress or not dist.is_main, file=sys.stderr)
     try:
-        for si in range(len(shards.files)):
-            if str(si) in done_shards:
-                continue
-            for ids, z in shards.iter_batches(cfg.batch_size, ids=shards._ids[si]):
-                imgs = codec.decode(z)
+        for si in st.todo(list(range(len(chunks)))):
+            chunk = chunks[si]
+            for a in range(0, len(chunk), cfg.batch_size):
+                ids = chunk[a : a + cfg.batch_size]
+                imgs = codec.decode(shards.get(ids))
                 if sources is not None:
                     rows = by_id.loc[ids]
                     x_t, rt_t = sources.images(rows["tail_sample_id"])
@@ -147,19 +162,18 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
                     p = out / paths[int(sid)]
                     p.parent.mkdir(parents=True, exist_ok=True)
                     save_png(img, str(p))
-                bar.update(len(ids))
-            rec["shards"].append(str(si))
-            rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
-            t0 = time.time()
-            store.write_stage(stage, rec)
+                bar.update(len(ids) * dist.world)
+            st.finish_shard(si, {"n": len(chunk)})
     finally:
         bar.close()
+    dist.barrier()
     keep = np.ones(len(table), bool)
-    if select:
+    extra = {}
+    if select and dist.is_main:
         from .scoring import RealScorer, run_image_features
 
         t1 = time.time()
-        scorer = RealScorer.fit(store, cfg.near_copy_quantile, progress=progress, log=log)
+        scorer = RealScorer.fit(store, cfg.near_copy_quantile, progress=progress)
         feats = run_image_features(store, [str(out / p) for p in table["path"]], progress=progress,
                                    desc="synthetic image features")
         sc = scorer.score(feats, table["tail_label"].tolist())
@@ -169,14 +183,25 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
         table["nn_sample_id"] = sc["nn_sample_id"]
         table["near_copy"] = sc["near_copy"]
         table["selected"] = keep
-        rec["selection"] = {"candidates_per_sample": n_candidates, "n_candidates": int(len(table)),
-                            "n_selected": int(keep.sum()), "n_near_copies": int(sc["near_copy"].sum()),
-                            "near_copy_threshold": scorer.copy_threshold, "scorer": scorer.model.info,
-                            "slots_without_a_sample": int(table["slot"].nunique() - keep.sum()) if "slot" in table else 0,
-                            "seconds": round(time.time() - t1, 2)}
-        log(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
-            f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
-    path_col = labels_info.get("path_column", "path")
+        extra["selection"] = {"candidates_per_sample": n_candidates, "n_candidates": int(len(table)),
+                              "n_selected": int(keep.sum()), "n_near_copies": int(sc["near_copy"].sum()),
+                              "near_copy_threshold": scorer.copy_threshold, "scorer": scorer.model.info,
+                              "slots_without_a_sample": int(table["slot"].nunique() - keep.sum()) if "slot" in table else 0,
+                              "seconds": round(time.time() - t1, 2)}
+        log.info(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
+                 f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
+    if dist.is_main:
+        _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"), cfg.pixel_detail)
+    extra = dist.broadcast(extra)
+    n_kept = dist.broadcast(int(keep.sum()))
+    rec = st.finish(n_images=n_kept, n_decoded=len(table), **extra)
+    log.info(f"decoded {len(table)} images into {out / 'images'}" + (f" ({n_kept} in the manifest)" if select else "")
+             + f"\nmanifest: {out / 'manifest.csv'}\nprovenance: {out / 'provenance.jsonl'}")
+    return rec
+
+
+def _write_manifest_and_provenance(out: Path, table: pd.DataFrame, keep: np.ndarray, labels: list[str], path_col: str,
+                                   pixel: bool) -> None:
     chosen = table[keep]
     manifest = pd.DataFrame({path_col: chosen["path"].to_numpy(), "split": "synthetic"})
     for lab in labels:
@@ -192,11 +217,6 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
         d["labels"] = [lab for lab in labels if int(r[lab]) == 1]
         if soft_cols:
             d["soft_labels"] = {c[5:]: float(r[c]) for c in soft_cols}
-        d["pixel_detail"] = cfg.pixel_detail
+        d["pixel_detail"] = pixel
         lines.append(json.dumps(d))
     write_text_atomic(out / "provenance.jsonl", "\n".join(lines) + "\n")
-    rec.update(status="done", n_images=int(keep.sum()), n_decoded=len(table), finished_at=now())
-    store.write_stage(stage, rec)
-    log(f"decoded {len(table)} images into {out / 'images'}" + (f" ({int(keep.sum())} in the manifest)" if select else "")
-        + f"\nmanifest: {out / 'manifest.csv'}\nprovenance: {out / 'provenance.jsonl'}")
-    return rec

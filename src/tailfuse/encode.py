@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import shutil
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -20,7 +19,11 @@ from .config import DataConfig, EncodeConfig, VAEConfig, stable_hash
 from .data import Dataset, histogram, load_dataset, partition
 from .errors import TailfuseError
 from .images import RESIZE_POLICIES, BadImage, load_image
-from .store import RunStore, ShardSet, now, save_tensors_atomic, write_csv_atomic, write_json_atomic
+from .dist import current
+from .stage import Stage
+from .store import RunStore, ShardSet, StageMismatch, save_tensors_atomic, write_csv_atomic, write_json_atomic
+
+log = logging.getLogger("tailfuse")
 
 STAGE = "encode"
 SKIP_COLUMNS = ["sample_id", "line", "path", "reason"]
@@ -73,13 +76,6 @@ def _prescan(ds: Dataset, strict: bool) -> None:
         )
 
 
-def _wipe(store: RunStore) -> None:
-    for p in (store.samples_csv, store.labels_json, store.skipped_csv, store.stage_path(STAGE)):
-        if p.exists():
-            p.unlink()
-    shutil.rmtree(store.root / "latents", ignore_errors=True)
-
-
 def run_encode(
     data_cfg: DataConfig,
     vae_cfg: VAEConfig,
@@ -87,26 +83,30 @@ def run_encode(
     run: str,
     force: bool = False,
     progress: bool = True,
-    log=print,
+    codec: VAECodec | None = None,
 ) -> dict:
-    """Encode the dataset into ``run``; returns the stage record. Resumes an interrupted encode."""
+    """Encode the dataset into ``run``; returns the stage record. Resumes an interrupted encode. ``codec``: a
+    loaded VAE (default: ``vae_cfg.vae`` loaded here). Shards are shared between processes (see dist.py)."""
     if data_cfg.resize not in RESIZE_POLICIES:
         raise TailfuseError(f"resize policy '{data_cfg.resize}' unknown; choose from {', '.join(RESIZE_POLICIES)}.")
     if enc_cfg.batch_size < 1 or enc_cfg.shard_size < 1:
         raise TailfuseError("batch size and shard size must be at least 1.")
+    dist = current(vae_cfg.device)
     ds = load_dataset(data_cfg)
     head, tail = partition(ds, data_cfg)
     store = RunStore(run)
-    store.create([ds.source_path])
+    if dist.is_main:
+        store.create([ds.source_path])
+    dist.barrier()
     for note in ds.notes:
-        log(f"note: {note}")
+        log.info(f"note: {note}")
     kind = "multi-label" if ds.multi_label else "multi-class"
-    log(f"{len(ds.table)} images, {len(ds.labels)} labels ({kind}), from {ds.source_path}")
-    log(histogram(ds.counts(), tail))
-    log(f"head: {', '.join(head)}\ntail: {', '.join(tail)}")
+    log.info(f"{len(ds.table)} images, {len(ds.labels)} labels ({kind}), from {ds.source_path}")
+    log.info(histogram(ds.counts(), tail))
+    log.info(f"head: {', '.join(head)}\ntail: {', '.join(tail)}")
     _prescan(ds, data_cfg.strict)
 
-    codec = VAECodec.load(vae_cfg.vae, vae_cfg.device, vae_cfg.dtype)
+    codec = codec or VAECodec.load(vae_cfg.vae, vae_cfg.device, vae_cfg.dtype)
     if data_cfg.image_size % codec.downsample or data_cfg.image_size < codec.downsample:
         raise TailfuseError(
             f"image size {data_cfg.image_size} must be a multiple of the VAE's downsampling factor {codec.downsample}."
@@ -122,61 +122,41 @@ def run_encode(
     )
     inputs_hash = _inputs_hash(ds)
     rec = store.stage(STAGE)
-    if rec is not None:
-        same = rec.get("config_hash") == config_hash and rec.get("inputs_hash") == inputs_hash
-        if force:
-            log("--force: discarding the earlier encode of this run folder")
-            _wipe(store)
-            rec = None
-        elif not same:
-            what = "settings (image size, resize, VAE, batch or shard size)" if rec.get("config_hash") != config_hash else "input data"
-            raise TailfuseError(
-                f"run folder {store.root} holds an encode made with other {what}. Use a new --run folder, "
-                "or pass --force to discard it and encode again."
-            )
-        elif rec.get("status") == "done":
-            log(f"encode already done in {store.root} ({rec['n_encoded']} latents); skipping (use --force to redo).")
-            return rec
+    if rec is not None and not force and (rec.get("config_hash") != config_hash or rec.get("inputs_hash") != inputs_hash):
+        what = "settings (image size, resize, VAE, batch or shard size)" if rec.get("config_hash") != config_hash else "input data"
+        raise StageMismatch(
+            f"run folder {store.root} holds an encode made with other {what}. Use a new --run folder, "
+            "or pass --force to discard it and encode again."
+        )
     n = len(ds.table)
     n_shards = (n + enc_cfg.shard_size - 1) // enc_cfg.shard_size
-    if rec is None:
-        rec = {
-            "stage": STAGE,
-            "status": "running",
-            "config_hash": config_hash,
-            "inputs_hash": inputs_hash,
-            "vae": codec.identity(),
-            "n_samples": n,
-            "n_shards": n_shards,
-            "shard_size": enc_cfg.shard_size,
-            "shards": {},
-            "started_at": now(),
-            "seconds": 0.0,
-        }
-    store.write_config("data", asdict(data_cfg))
-    store.write_config("vae", {**asdict(vae_cfg), "vae": codec.name})
-    store.write_config("encode", asdict(enc_cfg))
-
-    done_ok = {}
-    for k, sh in rec["shards"].items():
+    st = Stage.open(store, STAGE, config_hash, what="an encode of this run folder", force=force, dist=dist,
+                    wipe=[store.samples_csv, store.labels_json, store.skipped_csv, store.root / "latents"],
+                    extra={"inputs_hash": inputs_hash, "vae": codec.identity(), "n_samples": n, "n_shards": n_shards,
+                           "shard_size": enc_cfg.shard_size})
+    if st.done:
+        log.info(f"encode already done in {store.root} ({st.record['n_encoded']} latents); skipping (use --force to redo).")
+        return st.record
+    if dist.is_main:
+        store.write_config("data", asdict(data_cfg))
+        store.write_config("vae", {**asdict(vae_cfg), "vae": codec.name})
+        store.write_config("encode", asdict(enc_cfg))
+    # finished shards whose file changed or vanished are redone
+    for k, sh in st.shards().items():
         f = sh.get("file")
-        if f is None or ((store.root / f).is_file() and _file_digest(store.root / f) == sh["sha256"]):
-            done_ok[k] = sh
-    rec["shards"] = done_ok
-    rec["status"] = "running"
-    store.write_stage(STAGE, rec)
-    n_done = sum(sh["n_rows"] for sh in done_ok.values())
-    if n_done:
-        log(f"resuming: {len(done_ok)} of {n_shards} shards already encoded")
+        if f is not None and not ((store.root / f).is_file() and _file_digest(store.root / f) == sh["sha256"]):
+            st.forget_shard(k)
+    keys = [str(si) for si in range(n_shards)]
+    todo = st.todo(keys)
+    n_done = sum(sh["n_rows"] for sh in st.shards().values())
+    if n_done and dist.is_main:
+        log.info(f"resuming: {len(st.shards())} of {n_shards} shards already encoded")
 
-    t0 = time.time()
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
-    bar = tqdm(total=n, initial=n_done, desc="encode", unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=n, initial=n_done, desc="encode", unit="img", disable=not progress or not dist.is_main, file=sys.stderr)
     try:
-        for si in range(n_shards):
-            key = str(si)
-            if key in done_ok:
-                continue
+        for key in todo:
+            si = int(key)
             rows = ds.table.iloc[si * enc_cfg.shard_size : (si + 1) * enc_cfg.shard_size]
             ids, lats, skipped = [], [], []
             for b in range(0, len(rows), enc_cfg.batch_size):
@@ -204,7 +184,7 @@ def run_encode(
                     z = codec.encode(torch.stack([im for _, im in good]))
                     ids.extend(i for i, _ in good)
                     lats.append(z)
-                bar.update(len(batch))
+                bar.update(len(batch) * dist.world)
             entry = {"n_rows": len(rows), "n": len(ids), "skipped": skipped, "file": None, "sha256": None}
             if ids:
                 fname = f"latents/{si:05d}.safetensors"
@@ -215,68 +195,56 @@ def run_encode(
                     metadata={"stage": STAGE, "config_hash": config_hash},
                 )
                 entry.update(file=fname, sha256=_file_digest(path))
-            rec["shards"][key] = entry
-            rec["seconds"] = round(float(rec.get("seconds", 0.0)) + (time.time() - t0), 2)
-            t0 = time.time()
-            store.write_stage(STAGE, rec)
-            _write_skipped(store, rec)
+            st.finish_shard(key, entry)
+            if dist.is_main:
+                _write_skipped(store, st.shards())
     finally:
         bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
+    dist.barrier()
+    shards_done = st.shards()
 
-    # finish: samples table, labels, skipped report
-    skipped_ids = {s["sample_id"] for sh in rec["shards"].values() for s in sh["skipped"]}
-    shard_of, offset_of = {}, {}
-    files = []
-    for k in sorted(rec["shards"], key=int):
-        sh = rec["shards"][k]
-        if sh["file"] is None:
-            continue
-        files.append(sh["file"])
+    # finish: samples table, labels, skipped report (the main process)
+    skipped_ids = {s["sample_id"] for sh in shards_done.values() for s in sh["skipped"]}
+    files = [shards_done[k]["file"] for k in keys if shards_done[k]["file"] is not None]
     shards = ShardSet(store.root, files)
-    for sid, (si, off) in shards.index.items():
-        shard_of[sid] = si
-        offset_of[sid] = off
     table = ds.table[~ds.table["sample_id"].isin(skipped_ids)].copy()
     if table.empty:
         raise TailfuseError("no image could be read; see skipped.csv in the run folder for the reasons.")
-    table["shard"] = table["sample_id"].map(shard_of).astype(np.int64)
-    table["offset"] = table["sample_id"].map(offset_of).astype(np.int64)
-    write_csv_atomic(store.samples_csv, table)
-    kept = Dataset(table, ds.labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
-    counts = kept.counts()
-    write_json_atomic(
-        store.labels_json,
-        {
-            "labels": ds.labels,
-            "head_labels": head,
-            "tail_labels": tail,
-            "tail_rule": "given" if data_cfg.tail_labels else f"auto: head covers >= {data_cfg.head_share} of train positives",
-            "multi_label": ds.multi_label,
-            "counts": {lab: {k: int(v) for k, v in counts.loc[lab].items()} for lab in ds.labels},
-            "source": ds.source,
-            "source_path": ds.source_path,
-            "path_column": ds.path_column,
-            "metadata_columns": ds.metadata_columns,
-            "image_size": data_cfg.image_size,
-            "latent_shape": list(shards.shape),
-        },
-    )
-    rec.update(
-        status="done",
-        finished_at=now(),
-        n_encoded=len(table),
-        n_skipped=len(skipped_ids),
-        latent_shape=list(shards.shape),
-    )
-    store.write_stage(STAGE, rec)
-    log(f"encoded {len(table)} images to {store.root} (latents {tuple(shards.shape)}), {rec['seconds']:.1f} s")
+    if dist.is_main:
+        _write_skipped(store, shards_done)
+        shard_of = {sid: si for sid, (si, _) in shards.index.items()}
+        offset_of = {sid: off for sid, (_, off) in shards.index.items()}
+        table["shard"] = table["sample_id"].map(shard_of).astype(np.int64)
+        table["offset"] = table["sample_id"].map(offset_of).astype(np.int64)
+        write_csv_atomic(store.samples_csv, table)
+        kept = Dataset(table, ds.labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+        counts = kept.counts()
+        write_json_atomic(
+            store.labels_json,
+            {
+                "labels": ds.labels,
+                "head_labels": head,
+                "tail_labels": tail,
+                "tail_rule": "given" if data_cfg.tail_labels else f"auto: head covers >= {data_cfg.head_share} of train positives",
+                "multi_label": ds.multi_label,
+                "counts": {lab: {k: int(v) for k, v in counts.loc[lab].items()} for lab in ds.labels},
+                "source": ds.source,
+                "source_path": ds.source_path,
+                "path_column": ds.path_column,
+                "metadata_columns": ds.metadata_columns,
+                "image_size": data_cfg.image_size,
+                "latent_shape": list(shards.shape),
+            },
+        )
+    rec = st.finish(n_encoded=len(table), n_skipped=len(skipped_ids), latent_shape=list(shards.shape))
+    log.info(f"encoded {len(table)} images to {store.root} (latents {tuple(shards.shape)}), {rec['seconds']:.1f} s")
     if skipped_ids:
-        log(f"skipped {len(skipped_ids)} unreadable image(s): listed in {store.skipped_csv}")
+        log.info(f"skipped {len(skipped_ids)} unreadable image(s): listed in {store.skipped_csv}")
     return rec
 
 
-def _write_skipped(store: RunStore, rec: dict) -> None:
-    rows = [s for k in sorted(rec["shards"], key=int) for s in rec["shards"][k]["skipped"]]
+def _write_skipped(store: RunStore, shards: dict) -> None:
+    rows = [s for k in sorted(shards, key=int) for s in shards[k]["skipped"]]
     if rows or store.skipped_csv.exists():
         write_csv_atomic(store.skipped_csv, pd.DataFrame(rows, columns=SKIP_COLUMNS))

@@ -29,24 +29,31 @@ def roundtrip_path(store: RunStore, sample_id: int) -> Path:
     return store.data_root / "roundtrip" / f"{int(sample_id):06d}.png"
 
 
-def ensure_roundtrips(store: RunStore, sample_ids, codec, batch_size: int = 32, progress: bool = False) -> list[Path]:
-    """Round-trip PNGs of ``sample_ids`` (decoded from the run's latents with ``codec``); returns their paths."""
+def ensure_roundtrips(store: RunStore, sample_ids, codec, batch_size: int = 32, progress: bool = False,
+                      dist=None) -> list[Path]:
+    """Round-trip PNGs of ``sample_ids`` (decoded from the run's latents with ``codec``); returns their paths.
+    With several processes each decodes its share of the missing ones (every process must call this)."""
     import json
     import shutil
 
     from .config import stable_hash
+    from .dist import current
     from .store import write_json_atomic
 
+    dist = dist or current()
     folder = store.data_root / "roundtrip"
     ident = {"hash": stable_hash({"vae": codec.fingerprint(), "encode": (store.stage("encode") or {}).get("config_hash")})}
     rec = folder / "roundtrip.json"
-    if folder.is_dir() and (not rec.is_file() or json.loads(rec.read_text()) != ident):
-        shutil.rmtree(folder)  # made with another VAE or from other latents: every file is stale
-    if not rec.is_file():
-        write_json_atomic(rec, ident)
+    if dist.is_main:
+        if folder.is_dir() and (not rec.is_file() or json.loads(rec.read_text()) != ident):
+            shutil.rmtree(folder)  # made with another VAE or from other latents: every file is stale
+        if not rec.is_file():
+            write_json_atomic(rec, ident)
+    dist.barrier()
     ids = [int(i) for i in sample_ids]
     paths = [roundtrip_path(store, i) for i in ids]
     todo = sorted({i for i, p in zip(ids, paths) if not p.is_file()})
+    todo = [i for k, i in enumerate(todo) if dist.owns(k)]
     if todo:
         shards = store.latents()
         bar = tqdm(total=len(todo), desc="VAE round trip of real images", unit="img", disable=not progress,
@@ -59,6 +66,7 @@ def ensure_roundtrips(store: RunStore, sample_ids, codec, batch_size: int = 32, 
                 bar.update(len(part))
         finally:
             bar.close()
+    dist.barrier()
     return paths
 
 

@@ -16,6 +16,8 @@ Every image (real or synthetic) is described by its EfficientNet-Lite0 ImageNet 
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from .store import RunStore
+
+log = logging.getLogger("tailfuse")
 
 
 def features_dir(store: RunStore) -> Path:
@@ -54,8 +58,7 @@ class RealScorer:
     near_copy_quantile: float
 
     @classmethod
-    def fit(cls, store: RunStore, near_copy_quantile: float = 0.05, backbone=None, progress: bool = False,
-            log=lambda *a: None) -> "RealScorer":
+    def fit(cls, store: RunStore, near_copy_quantile: float = 0.05, backbone=None, progress: bool = False) -> "RealScorer":
         from .evaluate.classifier import tune_linear
 
         info = store.labels()
@@ -74,7 +77,7 @@ class RealScorer:
         nn = d.min(1).values.numpy()
         thr = float(np.quantile(nn, near_copy_quantile)) if len(nn) > 1 else 0.0
         cinfo = model.info
-        log(f"scorer: real-data classifier C={cinfo['c']:g} (val mAP {cinfo['val_map'] or float('nan'):.3f}); "
+        log.info(f"scorer: real-data classifier C={cinfo['c']:g} (val mAP {cinfo['val_map'] or float('nan'):.3f}); "
             f"near-copy threshold {thr:.2f} ({near_copy_quantile:.0%} quantile of real nearest-image distances)")
         return cls(labels, multi, model, x, tr["sample_id"].to_numpy(), thr, near_copy_quantile)
 

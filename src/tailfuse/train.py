@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, stable_hash
@@ -20,7 +19,11 @@ from .errors import TailfuseError
 from .sparse.learner import IteratedLearner
 from .sparse.metrics import code_metrics
 from .sparse.nets import SparseModel
-from .store import RunStore, now, save_tensors_atomic, write_json_atomic, write_text_atomic
+from .dist import current
+from .stage import Stage
+from .store import RunStore, now, write_text_atomic
+
+log = logging.getLogger("tailfuse")
 
 
 def split_data(store: RunStore, split: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
@@ -45,28 +48,12 @@ def _jsonable(d: dict) -> dict:
 
 
 def save_model(model: SparseModel, folder: Path, extra: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(folder / "model.safetensors", {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    write_json_atomic(folder / "config.json", {"hparams": model.hparams, **extra})
+    model.save_pretrained(folder, extra)
 
 
 def load_model(run: str | Path, name: str = "train", generation: int | None = None, device: str = "cpu") -> SparseModel:
-    """The trained sparse model of a run folder: the last generation unless ``generation`` is given."""
-    store = RunStore(run)
-    rec = store.stage(name)
-    if not rec or not rec.get("generations_done"):
-        raise TailfuseError(f"run folder {store.root} has no trained model '{name}'; run `tailfuse train` first.")
-    gens = rec["generations_done"]
-    g = gens[-1] if generation is None else generation
-    if g not in gens:
-        raise TailfuseError(f"model '{name}' has generations {gens}; generation {g} does not exist.")
-    folder = store.root / name / f"gen-{g:02d}"
-    cfg = json.loads((folder / "config.json").read_text())
-    model = SparseModel(**cfg["hparams"])
-    state = load_file(str(folder / "model.safetensors"))
-    model.mu = torch.empty_like(state["mu"])  # the per-element mean has the latent grid's shape
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    """The trained sparse model of a run folder (``SparseModel.from_run``)."""
+    return SparseModel.from_run(RunStore(run), name, generation, device)
 
 
 @torch.no_grad()
@@ -84,7 +71,7 @@ def decoded_psnr(model: SparseModel, codec, z: torch.Tensor, batch: int = 64) ->
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}
 
 
-def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = True) -> dict:
     store = RunStore(run)
     store.require("encode")
     if cfg.imitation_targets not in ("sample", "argmax"):
@@ -100,21 +87,16 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
     enc = store.stage("encode")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "name")}
     config_hash = stable_hash({"train": settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
-    rec = store.stage(name)
-    if rec is not None and rec.get("config_hash") != config_hash:
-        if not force:
-            raise TailfuseError(
-                f"run folder {store.root} holds a model '{name}' trained with other settings or on another encode. "
-                "Pass --force to discard it and train again, or --name to keep both."
-            )
-    if force and rec is not None:
-        log(f"--force: discarding the earlier model '{name}'")
-        shutil.rmtree(folder, ignore_errors=True)
-        store.stage_path(name).unlink(missing_ok=True)
-        rec = None
-    if rec is not None and rec.get("status") == "done":
-        log(f"train already done for '{name}' ({rec['generations_done'][-1] + 1} generations); skipping (use --force to redo).")
+    st = Stage.open(store, name, config_hash, dist=current(cfg.device), what=f"a model '{name}' (trained with other settings or on another encode)",
+                    wipe=[folder], force=force, inputs={"encode": enc["config_hash"]},
+                    extra={"seconds": 0.0, "generations_done": [], "phases": [f"{p}:{g}" for p, g in cfg.phases()]})
+    rec = st.record
+    if st.done:
+        log.info(f"train already done for '{name}' ({rec['generations_done'][-1] + 1} generations); skipping (use --force to redo).")
         return rec
+    if not st.dist.is_main:  # several processes: the main process trains, the others wait for its model
+        st.finish(with_shards=False)
+        return store.stage(name)
 
     _, z_tr, y_tr = split_data(store, "train")
     _, z_va, y_va = split_data(store, "val")
@@ -123,17 +105,14 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
     if cfg.dim < z_tr.shape[1]:
         raise TailfuseError(f"--dim {cfg.dim} must be at least the latent channels ({z_tr.shape[1]}).")
     if len(z_va) == 0:
-        log("note: no val split; metrics are reported on train")
+        log.info("note: no val split; metrics are reported on train")
         z_va, y_va = z_tr, y_tr
     device = torch.device(cfg.device)
     if device.type != "cpu":
-        log("note: training runs on the CPU in this version; --device applies to later stages")  # TODO(gpu)
+        log.info("note: training runs on the CPU in this version; --device applies to later stages")
     folder.mkdir(parents=True, exist_ok=True)
     store.write_config(name, asdict(cfg))
     phases = cfg.phases()
-    if rec is None:
-        rec = {"stage": name, "status": "running", "config_hash": config_hash, "started_at": now(), "seconds": 0.0,
-               "generations_done": [], "phases": [f"{p}:{g}" for p, g in phases]}
     state_path = folder / "state.pt"
     det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -145,12 +124,12 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
             ini = code_metrics(learner.model, z_va, y_va, labels)
             rec["init"] = _jsonable({k: ini[k] for k in ("sparsity", "entropy", "recon_rel_l1", "recon_rel_l1_hard", "map")})
         if state_path.is_file():
-            st = torch.load(state_path, weights_only=False)
-            pos = st["pos"]
+            ckpt = torch.load(state_path, weights_only=False)
+            pos = ckpt["pos"]
             ph = phases[pos["phase"]] if pos["phase"] < len(phases) else None
             in_phase = ph is not None and pos["epoch"] > 0
-            learner.load_state(st["learner"], ph[0] if in_phase else None, pos["phase"] if in_phase else None, ph[1] if ph else 0)
-            log(f"resuming '{name}' at phase {pos['phase'] + 1}/{len(phases)}, epoch {pos['epoch']}")
+            learner.load_state(ckpt["learner"], ph[0] if in_phase else None, pos["phase"] if in_phase else None, ph[1] if ph else 0)
+            log.info(f"resuming '{name}' at phase {pos['phase'] + 1}/{len(phases)}, epoch {pos['epoch']}")
         total_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases)
         done_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases[: pos["phase"]]) + pos["epoch"]
         bar = tqdm(total=total_epochs, initial=done_epochs, desc=f"train {name}", unit="epoch", disable=not progress, file=sys.stderr)
@@ -191,7 +170,7 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
                     rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
                     t0 = time.time()
                     _torch_save_atomic({"pos": pos, "learner": learner.state()}, state_path)
-                    store.write_stage(name, rec)
+                    st.update()
                     if last:
                         break
         finally:
@@ -211,11 +190,10 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
         rec["last"]["psnr_val"] = final["psnr_val"]
         _write_metrics(folder, pos["history"], None)
     except TailfuseError as e:
-        log(f"note: VAE '{vae_name}' not loadable now ({e}); decoded PSNR not measured")
-    rec.update(status="done", finished_at=now())
-    store.write_stage(name, rec)
+        log.info(f"note: VAE '{vae_name}' not loadable now ({e}); decoded PSNR not measured")
+    rec = st.finish(with_shards=False)
     state_path.unlink(missing_ok=True)
-    log(_format_row(final))
+    log.info(_format_row(final))
     return rec
 
 

@@ -19,10 +19,9 @@ d = 0 returns every latent unchanged; the change grows with d. Each sample's noi
 
 from __future__ import annotations
 
+import logging
 import sys
-import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,8 +30,13 @@ from tqdm.auto import tqdm
 
 from ..config import RefineConfig, stable_hash
 from ..errors import TailfuseError
-from ..store import RunStore, file_sha256, now, open_stage, save_tensors_atomic, write_csv_atomic
+from ..dist import current
+from ..latentset import LatentSet
+from ..stage import Stage
+from ..store import RunStore, save_tensors_atomic, write_csv_atomic
 from . import samplers
+
+log = logging.getLogger("tailfuse")
 
 
 def _sample_noise(seed: int, ids, shape) -> torch.Tensor:
@@ -63,44 +67,45 @@ class PriorRefiner:
         return self.model.destandardise(samplers.sample(eps, noise.to(self.device), self.scheduler, n)).cpu()
 
 
-def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool = True, log=print) -> dict:
-    from ..fusion.stage import latent_set
-
+def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool = True, refiner=None) -> dict:
+    """Refine the latent set ``cfg.source`` into ``cfg.out_name``; returns the stage record. ``refiner``: a loaded
+    refiner (default: the run's prior, or ``cfg.sd``). Shards are shared between processes."""
     d, n = cfg.steps()
     store = RunStore(run)
     store.require("encode")
-    src_rec, shards, src_folder = latent_set(store, cfg.source)
+    src = LatentSet.open(store, cfg.source)
+    shards = src.shards
     labels = store.labels()["labels"]
     multi = bool(store.labels()["multi_label"])
-    if cfg.sd:
-        from .sd import SDRefiner
+    dist = current(cfg.device)
+    if refiner is None:
+        if cfg.sd:
+            from .sd import SDRefiner
 
-        refiner = SDRefiner(store, cfg.sd, cfg.prompt_template, cfg.device, log)
-    else:
-        refiner = PriorRefiner(store, cfg.prior, cfg.device)
+            refiner = SDRefiner(store, cfg.sd, cfg.prompt_template, cfg.device)
+        else:
+            refiner = PriorRefiner(store, cfg.prior, cfg.device)
     out = store.root / cfg.out_name
     stage = f"refine-{cfg.out_name}"
     settings = {"d": d, "n": n, "guidance": cfg.guidance, "seed": cfg.seed, "prompt_template": cfg.prompt_template if cfg.sd else None}
-    config_hash = stable_hash({"refine": settings, "source": src_rec["config_hash"], **refiner.identity})
-    rec = open_stage(store, stage, config_hash, force, [out], log, f"refined set '{cfg.out_name}'")
-    if rec is not None and rec.get("status") == "done":
-        log(f"refine already done for '{cfg.out_name}'; skipping (use --force to redo).")
-        return rec
-    store.write_config(stage, asdict(cfg))
-    table = pd.read_csv(src_folder / "samples.csv")
+    config_hash = stable_hash({"refine": settings, "source": src.record["config_hash"], **refiner.identity})
+    st = Stage.open(store, stage, config_hash, what=f"refined set '{cfg.out_name}'", force=force, dist=dist,
+                    wipe=[out], inputs={f"{src.kind}-{cfg.source}": src.record["config_hash"]},
+                    extra={"source": cfg.source, "settings": settings, **refiner.identity, "latent_set": True})
+    if st.done:
+        log.info(f"refine already done for '{cfg.out_name}'; skipping (use --force to redo).")
+        return st.record
+    if dist.is_main:
+        store.write_config(stage, asdict(cfg))
+    table = src.table()
     by_id = table.set_index("synth_id")
-    if rec is None:
-        rec = {"stage": stage, "status": "running", "config_hash": config_hash, "source": cfg.source,
-               "settings": settings, **refiner.identity, "shards": {}, "started_at": now(), "seconds": 0.0}
-    bar = tqdm(total=len(shards), desc=f"refine {cfg.out_name} ({d}/{n} steps)", unit="latent", disable=not progress,
-               file=sys.stderr)
-    t0 = time.time()
+    has_mask = src.has_masks
+    files = [f"latents/{si:05d}.safetensors" for si in range(len(shards.files))]
+    bar = tqdm(total=len(shards), desc=f"refine {cfg.out_name} ({d}/{n} steps)", unit="latent",
+               disable=not progress or not dist.is_main, file=sys.stderr)
     try:
-        for si, ids_si in enumerate(shards._ids):
-            fname = f"latents/{si:05d}.safetensors"
-            if str(si) in rec["shards"] and (out / fname).is_file():
-                bar.update(len(ids_si))
-                continue
+        for si in st.todo(list(range(len(shards.files)))):
+            ids_si = shards._ids[si]
             lats, masks = [], []
             for ids, z in shards.iter_batches(cfg.batch_size, ids=ids_si):
                 rows = by_id.loc[ids]
@@ -111,30 +116,23 @@ def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool 
                 noise = _sample_noise(cfg.seed, ids, tuple(z.shape[1:]))
                 with torch.no_grad():
                     lats.append(refiner(z.float(), y, d, n, cfg.guidance, noise))
-                masks.append(shards.get(ids, key="mask") if "mask" in _keys(shards) else torch.ones(len(ids), *z.shape[2:], dtype=torch.uint8))
-                bar.update(len(ids))
-            save_tensors_atomic(out / fname, {"latents": torch.cat(lats).float(), "mask": torch.cat(masks),
-                                              "synth_id": torch.from_numpy(np.asarray(ids_si, dtype=np.int64))})
-            rec["shards"][str(si)] = {"file": fname, "n": int(len(ids_si))}
-            rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
-            t0 = time.time()
-            store.write_stage(stage, rec)
+                if has_mask:
+                    masks.append(shards.get(ids, key="mask"))
+                bar.update(len(ids) * dist.world)
+            tensors = {"latents": torch.cat(lats).float(), "synth_id": torch.from_numpy(np.asarray(ids_si, dtype=np.int64))}
+            if has_mask:
+                tensors["mask"] = torch.cat(masks)
+            save_tensors_atomic(out / files[si], tensors)
+            st.finish_shard(si, {"file": files[si], "n": int(len(ids_si))})
     finally:
         bar.close()
-    table = table.assign(refine_d=d, refine_n=n, guidance=cfg.guidance, refine_seed=cfg.seed, **refiner.identity)
-    write_csv_atomic(out / "samples.csv", table)
-    rec.update(status="done", n_synthetic=int(len(table)), finished_at=now(),
-               files=[rec["shards"][str(si)]["file"] for si in range(len(shards.files))])
-    store.write_stage(stage, rec)
-    log(f"refined {len(table)} latents of '{cfg.source}' ({d} of {n} steps, guidance {cfg.guidance:g}) into {out}")
+    if dist.is_main:
+        table = table.assign(refine_d=d, refine_n=n, guidance=cfg.guidance, refine_seed=cfg.seed,
+                             **{k: v for k, v in refiner.identity.items() if k != "latent_space_cosine"})
+        write_csv_atomic(out / "samples.csv", table)
+    rec = st.finish(n_synthetic=int(len(table)), files=files)
+    log.info(f"refined {len(table)} latents of '{cfg.source}' ({d} of {n} steps, guidance {cfg.guidance:g}) into {out}")
     return rec
-
-
-def _keys(shards) -> set[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(shards.folder / shards.files[0]), framework="pt") as h:
-        return set(h.keys())
 
 
 def tail_plan_labels(store: RunStore, per_label: dict[str, int]) -> tuple[list[str], np.ndarray, list[int]]:
@@ -161,44 +159,45 @@ def tail_plan_labels(store: RunStore, per_label: dict[str, int]) -> tuple[list[s
 
 def run_sample(run: str, per_label: dict[str, int], steps: int = 50, guidance: float = 2.0, prior: str = "prior",
                seed: int = 0, name: str = "prior-sample", batch_size: int = 64, device: str = "cpu",
-               force: bool = False, progress: bool = True, log=print) -> dict:
+               force: bool = False, progress: bool = True) -> dict:
     """Full diffusion sampling of tail classes: ``per_label`` new latents per tail label drawn from pure noise with
-    ``steps`` DDIM steps of the run's prior, guided toward the planned labels. A latent set like fuse's."""
+    ``steps`` DDIM steps of the run's prior, guided toward the planned labels. A latent set like fuse's; shards of
+    ``batch_size`` latents are shared between processes."""
     if steps < 1:
         raise TailfuseError("--steps must be at least 1.")
     store = RunStore(run)
     store.require("encode")
+    dist = current(device)
     refiner = PriorRefiner(store, prior, device)
     labels = store.labels()["labels"]
     out = store.root / name
     stage = f"sample-{name}"
     config_hash = stable_hash({"sample": {"per_label": per_label, "steps": steps, "guidance": guidance, "seed": seed},
                                **refiner.identity, "inputs": store.stage("encode")["inputs_hash"]})
-    rec = open_stage(store, stage, config_hash, force, [out], log, f"sampled set '{name}'")
-    if rec is not None and rec.get("status") == "done":
-        log(f"sample already done for '{name}'; skipping (use --force to redo).")
-        return rec
+    st = Stage.open(store, stage, config_hash, what=f"sampled set '{name}'", force=force, dist=dist, wipe=[out],
+                    extra={"steps": steps, "guidance": guidance, **refiner.identity, "latent_set": True})
+    if st.done:
+        log.info(f"sample already done for '{name}'; skipping (use --force to redo).")
+        return st.record
     tl, ys, src = tail_plan_labels(store, per_label)
     if not tl:
         raise TailfuseError("nothing to sample: the requested counts are 0 for every tail label.")
     shape = tuple(store.latents().shape)
-    t0 = time.time()
-    lats = []
-    for a in tqdm(range(0, len(tl), batch_size), desc=f"sample {name} ({steps} steps)", disable=not progress,
-                  file=sys.stderr):
-        ids = np.arange(a, min(a + batch_size, len(tl)))
+    starts = list(range(0, len(tl), batch_size))
+    files = [f"latents/{si:05d}.safetensors" for si in range(len(starts))]
+    for si in tqdm(st.todo(list(range(len(starts)))), desc=f"sample {name} ({steps} steps)",
+                   disable=not progress or not dist.is_main, file=sys.stderr):
+        ids = np.arange(starts[si], min(starts[si] + batch_size, len(tl)))
         with torch.no_grad():
-            lats.append(refiner.generate(torch.from_numpy(ys[ids]), steps, guidance, _sample_noise(seed, ids, shape)))
-    save_tensors_atomic(out / "latents" / "00000.safetensors", {"latents": torch.cat(lats).float(),
-                                                                "synth_id": torch.arange(len(tl), dtype=torch.int64)})
-    table = pd.DataFrame({"synth_id": np.arange(len(tl)), **{lab: ys[:, j].astype(int) for j, lab in enumerate(labels)},
-                          "tail_label": tl, "slot": np.arange(len(tl)), "label_source_sample_id": src,
-                          "method": "prior-sample", "steps": steps, "guidance": guidance, "seed": seed,
-                          **refiner.identity})
-    write_csv_atomic(out / "samples.csv", table)
-    rec = {"stage": stage, "status": "done", "config_hash": config_hash, "n_synthetic": len(tl),
-           "files": ["latents/00000.safetensors"], "seconds": round(time.time() - t0, 2), "steps": steps,
-           "guidance": guidance, **refiner.identity, "finished_at": now()}
-    store.write_stage(stage, rec)
-    log(f"sampled {len(tl)} latents from noise ({steps} steps, guidance {guidance:g}) into {out}")
+            z = refiner.generate(torch.from_numpy(ys[ids]), steps, guidance, _sample_noise(seed, ids, shape))
+        save_tensors_atomic(out / files[si], {"latents": z.float(), "synth_id": torch.from_numpy(ids.astype(np.int64))})
+        st.finish_shard(si, {"file": files[si], "n": len(ids)})
+    if dist.is_main:
+        table = pd.DataFrame({"synth_id": np.arange(len(tl)), **{lab: ys[:, j].astype(int) for j, lab in enumerate(labels)},
+                              "tail_label": tl, "slot": np.arange(len(tl)), "label_source_sample_id": src,
+                              "method": "prior-sample", "steps": steps, "guidance": guidance, "seed": seed,
+                              **refiner.identity})
+        write_csv_atomic(out / "samples.csv", table)
+    rec = st.finish(n_synthetic=len(tl), files=files)
+    log.info(f"sampled {len(tl)} latents from noise ({steps} steps, guidance {guidance:g}) into {out}")
     return rec

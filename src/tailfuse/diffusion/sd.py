@@ -13,6 +13,7 @@ ones: a mean cosine similarity below 0.9 (or another latent shape) refuses the m
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def latent_space_agreement(store: RunStore, codec, n: int = 8) -> float:
 class SDRefiner:
     """A Stable Diffusion UNet with text prompts from label names, as a refiner (same call as PriorRefiner)."""
 
-    def __init__(self, store: RunStore, folder: str, template: str, device: str = "cpu", log=print):
+    def __init__(self, store: RunStore, folder: str, template: str, device: str = "cpu"):
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
         try:
@@ -85,7 +86,7 @@ class SDRefiner:
         self.identity = {"refiner": f"sd:{root.resolve()}", "refiner_sha256": file_sha256(weights[0]) if weights else "",
                          "latent_space_cosine": round(agree, 4)}
         self._cache: dict[str, torch.Tensor] = {}
-        log(f"refine: Stable Diffusion model {root} (latent space agreement {agree:.3f})")
+        logging.getLogger("tailfuse").info(f"refine: Stable Diffusion model {root} (latent space agreement {agree:.3f})")
 
     def prompt(self, y: np.ndarray) -> str:
         return self.template.format(labels=", ".join(lab for lab, v in zip(self.labels, y) if v > 0))

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -32,7 +32,11 @@ from tqdm.auto import tqdm
 
 from ..config import PriorConfig, stable_hash
 from ..errors import TailfuseError
-from ..store import RunStore, now, write_text_atomic
+from ..dist import current
+from ..stage import Stage
+from ..store import RunStore, write_text_atomic
+
+log = logging.getLogger("tailfuse")
 from .prior import FeaturePrior, LatentPrior, noise_scheduler
 
 
@@ -66,7 +70,7 @@ def validate(cfg: PriorConfig) -> None:
 
 
 def train_denoiser(model, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, cfg: PriorConfig,
-                   folder: Path, progress: bool, log, flips: bool, desc: str) -> tuple[torch.nn.Module, list[dict]]:
+                   folder: Path, progress: bool, flips: bool, desc: str) -> tuple[torch.nn.Module, list[dict]]:
     """The training loop shared by the latent prior and the feature prior. ``x`` is standardised already.
     Returns the EMA model and the per-epoch history; checkpoints into ``folder/state.pt`` after every epoch."""
     from diffusers.training_utils import EMAModel
@@ -85,7 +89,7 @@ def train_denoiser(model, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor,
         ema.load_state_dict(st["ema"])
         gen.set_state(st["gen"])
         history, start = st["history"], st["epoch"]
-        log(f"resuming {desc} at epoch {start}/{cfg.epochs}")
+        log.info(f"resuming {desc} at epoch {start}/{cfg.epochs}")
     # validation: fixed noise and timesteps, so the curve compares epochs
     vg = torch.Generator().manual_seed(12345)
     v_noise = torch.randn(x_val.shape, generator=vg)
@@ -164,7 +168,7 @@ def label_matrix(store: RunStore, split: str) -> tuple[np.ndarray, torch.Tensor]
     return sub["sample_id"].to_numpy(), torch.from_numpy(sub[labels].to_numpy(dtype=np.float32))
 
 
-def run_train_prior(run: str, cfg: PriorConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+def run_train_prior(run: str, cfg: PriorConfig, force: bool = False, progress: bool = True) -> dict:
     validate(cfg)
     cfg = resolve_sizes(cfg)
     store = RunStore(run)
@@ -174,19 +178,14 @@ def run_train_prior(run: str, cfg: PriorConfig, force: bool = False, progress: b
     folder = store.root / name
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "name")}
     config_hash = stable_hash({"prior": settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
-    rec = store.stage(name)
-    if rec is not None and rec.get("config_hash") != config_hash:
-        if not force:
-            raise TailfuseError(f"run folder {store.root} holds a prior '{name}' trained with other settings or on "
-                                "another encode. Pass --force to discard it and train again, or --name to keep both.")
-    if force and rec is not None:
-        log(f"--force: discarding the earlier prior '{name}'")
-        shutil.rmtree(folder, ignore_errors=True)
-        store.stage_path(name).unlink(missing_ok=True)
-        rec = None
-    if rec is not None and rec.get("status") == "done":
-        log(f"train-prior already done for '{name}'; skipping (use --force to redo).")
-        return rec
+    st = Stage.open(store, name, config_hash, what=f"a prior '{name}' (trained with other settings or on another encode)",
+                    wipe=[folder], force=force, inputs={"encode": enc["config_hash"]}, dist=current(cfg.device))
+    if st.done:
+        log.info(f"train-prior already done for '{name}'; skipping (use --force to redo).")
+        return st.record
+    if not st.dist.is_main:  # several processes: the main process trains, the others wait for its model
+        st.finish(with_shards=False)
+        return store.stage(name)
     torch.manual_seed(int(cfg.seed))
     ids, y = label_matrix(store, "train")
     if len(ids) < 2:
@@ -206,25 +205,22 @@ def run_train_prior(run: str, cfg: PriorConfig, force: bool = False, progress: b
     n_params = sum(p.numel() for p in model.parameters())
     folder.mkdir(parents=True, exist_ok=True)
     store.write_config(name, asdict(cfg))
-    if rec is None:
-        rec = {"stage": name, "status": "running", "config_hash": config_hash, "started_at": now(),
-               "n_parameters": n_params, "n_train": int(len(ids)), "n_val": int(len(vids))}
-        store.write_stage(name, rec)
+    st.update(n_parameters=n_params, n_train=int(len(ids)), n_val=int(len(vids)))
     if torch.device(cfg.device).type != "cpu":
-        log("note: the prior trains on the CPU in this version; --device applies to sampling")
+        log.info("note: the prior trains on the CPU in this version; --device applies to sampling")
     t0 = time.time()
     s = lambda v: (v - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # noqa: E731
-    model, history = train_denoiser(model, s(z), y, s(zv), yv, cfg, folder, progress, log, flips=cfg.flips,
+    model, history = train_denoiser(model, s(z), y, s(zv), yv, cfg, folder, progress, flips=cfg.flips,
                                     desc=f"train-prior {name}")
     model.save_pretrained(folder / "model")
     _loss_plot(history, folder / "loss.png", f"latent prior '{name}' ({n_params / 1e6:.2f}M parameters)")
     (folder / "state.pt").unlink(missing_ok=True)
-    rec.update(status="done", finished_at=now(), seconds=round(sum(h["seconds"] for h in history), 1),
-               epochs=len(history), final_train_loss=history[-1]["train_loss"], final_val_loss=history[-1]["val_loss"],
-               wall_seconds_last_call=round(time.time() - t0, 1))
-    store.write_stage(name, rec)
-    log(f"trained prior '{name}' ({n_params / 1e6:.2f}M parameters, {len(history)} epochs, "
-        f"{rec['seconds']:.0f} s): val loss {history[-1]['val_loss'] if history[-1]['val_loss'] is not None else float('nan'):.4f}")
+    rec = st.finish(with_shards=False, seconds=round(sum(h["seconds"] for h in history), 1), epochs=len(history),
+                    final_train_loss=history[-1]["train_loss"], final_val_loss=history[-1]["val_loss"],
+                    wall_seconds_last_call=round(time.time() - t0, 1))
+    vl = history[-1]["val_loss"]
+    log.info(f"trained prior '{name}' ({n_params / 1e6:.2f}M parameters, {len(history)} epochs, {rec['seconds']:.0f} s): "
+             f"val loss {vl if vl is not None else float('nan'):.4f}")
     return rec
 
 
@@ -241,7 +237,7 @@ def load_prior(store: RunStore, name: str = "prior", device: str = "cpu") -> tup
 
 
 def train_feature_prior(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, cfg: PriorConfig,
-                        folder: Path, progress: bool = False, log=lambda *a: None) -> FeaturePrior:
+                        folder: Path, progress: bool = False) -> FeaturePrior:
     """The LDMLR-style baseline's denoiser: the same trainer on feature vectors (N x D)."""
     x = torch.from_numpy(np.asarray(x, dtype=np.float32))
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -252,6 +248,6 @@ def train_feature_prior(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: 
     folder.mkdir(parents=True, exist_ok=True)
     xv = torch.from_numpy(np.asarray(x_val, dtype=np.float32))
     model, _ = train_denoiser(model, (x - mean) / std, torch.from_numpy(np.asarray(y, np.float32)), (xv - mean) / std,
-                              torch.from_numpy(np.asarray(y_val, np.float32)), cfg, folder, progress, log, flips=False,
+                              torch.from_numpy(np.asarray(y_val, np.float32)), cfg, folder, progress, flips=False,
                               desc="feature prior")
     return model

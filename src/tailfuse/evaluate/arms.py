@@ -19,21 +19,23 @@ budgeted counts.
 
 from __future__ import annotations
 
+import logging
+
 import os
-import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..config import DecodeConfig, FuseConfig, TrainConfig, stable_hash
 from ..errors import TailfuseError
-from ..store import RunStore, StageMismatch, file_sha256, write_csv_atomic, write_json_atomic
+from ..store import RunStore, StageMismatch, file_sha256, write_csv_atomic
 from .config import FUSION_ARMS, ArmSpec, EvaluateConfig
 from .resample import mlsmote, smote_multiclass
+
+log = logging.getLogger("tailfuse")
 
 
 def _model_done(store: RunStore, name: str) -> bool:
@@ -41,7 +43,7 @@ def _model_done(store: RunStore, name: str) -> bool:
     return bool(rec and rec.get("generations_done"))
 
 
-def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bool, log) -> float:
+def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
     """Train 'train-no-imitation' with the 'train' model's settings when missing; returns seconds spent."""
     if _model_done(store, "train-no-imitation") and (store.stage("train-no-imitation") or {}).get("status") == "done":
         return 0.0
@@ -53,13 +55,13 @@ def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bo
     known = {f.name for f in fields(TrainConfig)}
     base = {k: v for k, v in (store.config().get("train") or {}).items() if k in known}
     base.update(no_imitation=True, name=None)
-    log("evaluate: training the 'train-no-imitation' model (the ablation arm needs it; same settings as 'train')")
+    log.info("evaluate: training the 'train-no-imitation' model (the ablation arm needs it; same settings as 'train')")
     t = time.time()
-    run_train(str(store.root), TrainConfig(**base), progress=progress, log=log)
+    run_train(str(store.root), TrainConfig(**base), progress=progress)
     return time.time() - t
 
 
-def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool, log) -> float:
+def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
     """Train the run's latent prior with its settings from run.yaml (or the defaults) when missing; seconds spent."""
     rec = store.stage("prior")
     if rec and rec.get("status") == "done":
@@ -73,13 +75,13 @@ def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool, log) -> f
     known = {f.name for f in fields(PriorConfig)}
     base = {k: v for k, v in (store.config().get("prior") or {}).items() if k in known}
     base.update(name="prior")
-    log("evaluate: training the latent prior (the diffusion arms need it)")
+    log.info("evaluate: training the latent prior (the diffusion arms need it)")
     t = time.time()
-    run_train_prior(str(store.root), PriorConfig(**base), progress=progress, log=log)
+    run_train_prior(str(store.root), PriorConfig(**base), progress=progress)
     return time.time() - t
 
 
-def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], log, arm: str) -> tuple[pd.DataFrame, list[int], dict]:
+def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], arm: str) -> tuple[pd.DataFrame, list[int], dict]:
     """The manifest rows of a decoded set that make the budget: the first n_l selected samples of each tail label."""
     folder = store.root / name
     prov = pd.read_json(folder / "provenance.jsonl", lines=True)
@@ -95,22 +97,21 @@ def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], log, arm
     short = {lab: n - int((prov["tail_label"] == lab).sum()) for lab, n in per_label.items()}
     short = {lab: v for lab, v in short.items() if v > 0}
     if short:
-        log(f"evaluate: arm '{arm}' has fewer samples than budgeted (" + ", ".join(f"{k} -{v}" for k, v in short.items())
+        log.info(f"evaluate: arm '{arm}' has fewer samples than budgeted (" + ", ".join(f"{k} -{v}" for k, v in short.items())
             + "): selection left slots empty")
     return man.iloc[keep].reset_index(drop=True), prov["tail_label"].iloc[keep].tolist(), short
 
 
-def _decode(store: RunStore, dcfg: DecodeConfig, force: bool, progress: bool, log) -> dict:
+def _decode(store: RunStore, dcfg: DecodeConfig, force: bool, progress: bool) -> dict:
     from ..decode import run_decode
 
     try:
-        return run_decode(str(store.root), dcfg, force=force, progress=progress, log=log)
+        return run_decode(str(store.root), dcfg, force=force, progress=progress)
     except StageMismatch:
-        return run_decode(str(store.root), dcfg, force=True, progress=progress, log=log)
+        return run_decode(str(store.root), dcfg, force=True, progress=progress)
 
 
-def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
-                      log, force: bool = False) -> dict:
+def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, force: bool = False) -> dict:
     from ..config import RefineConfig
     from ..diffusion.refine import run_refine
     from ..fusion.stage import run_fuse
@@ -121,12 +122,14 @@ def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], 
         raise TailfuseError(f"arm '{arm.name}' needs the trained model '{spec['model']}': run `tailfuse train --run "
                             f"{store.root}{hint}` first, or leave the arm out with --arms.")
     name = f"eval/{arm.slug}"
-    fcfg = FuseConfig(**spec, per_class=max(per_label.values()), seed=cfg.data_seed, name=name, device=cfg.device)
+    train_counts = {lab: int(c["train"]) for lab, c in store.labels()["counts"].items()}
+    totals = {lab: train_counts[lab] + n for lab, n in per_label.items()}  # exactly n_l new samples of label l
+    fcfg = FuseConfig(**spec, sampling_strategy=totals, seed=cfg.data_seed, name=name, device=cfg.device)
     try:
-        run_fuse(str(store.root), fcfg, force=force, progress=progress, log=log)
+        run_fuse(str(store.root), fcfg, force=force, progress=progress)
     except StageMismatch:
-        log(f"evaluate: the synthetic set of arm '{arm.name}' was made with other settings; making it again")
-        run_fuse(str(store.root), fcfg, force=True, progress=progress, log=log)
+        log.info(f"evaluate: the synthetic set of arm '{arm.name}' was made with other settings; making it again")
+        run_fuse(str(store.root), fcfg, force=True, progress=progress)
     fuse_rec = store.stage(f"fuse-{name}")
     made = {"n_made": int(fuse_rec["n_synthetic"]), "model": fuse_rec["model"], "fuse_seconds": fuse_rec.get("seconds")}
     identity = {"fuse": fuse_rec["config_hash"]}
@@ -136,16 +139,16 @@ def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], 
         rcfg = RefineConfig(source=name, refine=ref["refine"], guidance=float(ref.get("guidance", 2.0)),
                             seed=cfg.data_seed, name=f"{name}-refined", device=cfg.device)
         try:
-            rrec = run_refine(str(store.root), rcfg, force=force, progress=progress, log=log)
+            rrec = run_refine(str(store.root), rcfg, force=force, progress=progress)
         except StageMismatch:
-            rrec = run_refine(str(store.root), rcfg, force=True, progress=progress, log=log)
+            rrec = run_refine(str(store.root), rcfg, force=True, progress=progress)
         name = rcfg.out_name
         made["refine_seconds"] = rrec.get("seconds")
         identity["refine"] = rrec["config_hash"]
         settings.update(refine=rcfg.refine, guidance=rcfg.guidance)
     dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, **dict(arm.decode))
-    dec_rec = _decode(store, dcfg, force, progress, log)
-    man, tail_label, short = _decoded_set(store, name, per_label, log, arm.name)
+    dec_rec = _decode(store, dcfg, force, progress)
+    man, tail_label, short = _decoded_set(store, name, per_label, arm.name)
     made.update(n_used=len(man), decode_seconds=dec_rec.get("seconds"),
                 settings={**settings, **{k: v for k, v in asdict(dcfg).items() if k not in ("name", "device")}})
     if dec_rec.get("selection"):
@@ -156,28 +159,27 @@ def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], 
     return {"folder": store.root / name, "manifest": man, "tail_label": tail_label, "identity": identity, "made": made}
 
 
-def _prior_sample_set(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
-                      log, force: bool = False) -> dict:
+def _prior_sample_set(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, force: bool = False) -> dict:
     from ..diffusion.refine import run_sample
 
     st = arm.settings()
     name = f"eval/{arm.slug}"
     kw = dict(steps=int(st["steps"]), guidance=float(st["guidance"]), seed=cfg.data_seed, name=name, device=cfg.device,
-              progress=progress, log=log)
+              progress=progress)
     try:
         rec = run_sample(str(store.root), per_label, force=force, **kw)
     except StageMismatch:
         rec = run_sample(str(store.root), per_label, force=True, **kw)
     dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, drop_near_copies=bool(st["drop_near_copies"]))
-    dec_rec = _decode(store, dcfg, force, progress, log)
-    man, tail_label, short = _decoded_set(store, name, per_label, log, arm.name)
+    dec_rec = _decode(store, dcfg, force, progress)
+    man, tail_label, short = _decoded_set(store, name, per_label, arm.name)
     made = {"n_made": int(rec["n_synthetic"]), "n_used": len(man), "sample_seconds": rec.get("seconds"),
             "decode_seconds": dec_rec.get("seconds"), "settings": st, **({"short": short} if short else {})}
     return {"folder": store.root / name, "manifest": man, "tail_label": tail_label,
             "identity": {"sample": rec["config_hash"], "decode": dec_rec["config_hash"]}, "made": made}
 
 
-def _roundtrip_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log) -> dict:
+def _roundtrip_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool) -> dict:
     from ..codec import VAECodec
     from ..roundtrip import ensure_roundtrips
 
@@ -210,92 +212,80 @@ def _roundtrip_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConf
                      "method": "VAE round trip (decode of the stored latent) of the tail training images, cycled"}}
 
 
-def _smote_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log,
+def _smote_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
                force: bool = False) -> dict:
-    from ..codec import VAECodec
-    from ..images import save_png
+    """SMOTE / MLSMOTE in the VAE latent space of the training split, as a latent set (stage ``smote-eval/smote``)
+    decoded by `tailfuse decode` like every other set."""
+    import torch
+
+    from ..stage import Stage
+    from ..store import save_tensors_atomic
 
     info = store.labels()
     labels, multi = info["labels"], info["multi_label"]
     samples = store.samples()
     train = samples[samples["split"] == "train"].reset_index(drop=True)
     enc = store.stage("encode")
-    folder = store.root / "eval" / "smote"
+    name = "eval/smote"
+    folder = store.root / name
     counts = {labels.index(lab): n for lab, n in per_label.items() if n > 0}
     y = train[labels].to_numpy(dtype=np.int64)
-    vae_name = cfg.vae or enc["vae"]["name"]
     ident = stable_hash({"method": "mlsmote" if multi else "smote", "k": cfg.smote_k, "seed": cfg.data_seed,
                          "counts": per_label, "train_ids": train["sample_id"].tolist(), "inputs": enc["inputs_hash"],
-                         "encode": enc["config_hash"], "vae_weights": enc["vae"]["weights_sha256"]})
-    rec_path = folder / "record.json"
-    path_col = info.get("path_column", "path")
-    if rec_path.is_file() and not force:
-        import json
-
-        rec = json.loads(rec_path.read_text())
-        if rec.get("hash") == ident and (folder / "manifest.csv").is_file():
-            man = pd.read_csv(folder / "manifest.csv")
-            if all((folder / p).is_file() for p in man[path_col]):
-                log(f"evaluate: SMOTE set already made ({len(man)} images); reusing it")
-                prov = pd.read_csv(folder / "provenance.csv")
-                return {"folder": folder, "manifest": man, "tail_label": prov["tail_label"].tolist(),
-                        "identity": {"smote": ident}, "made": rec["made"]}
-    t0 = time.time()
-    z = store.latents().get(train["sample_id"].to_numpy()).numpy()
-    if multi:
-        new_z, new_y, prov = mlsmote(z, y, counts, cfg.smote_k, cfg.data_seed)
-        prov_df = pd.DataFrame(prov)
-        prov_df["tail_label"] = [labels[j] for j in prov_df["label_column"]] if len(prov_df) else []
-        prov_df["seed_sample_id"] = train["sample_id"].to_numpy()[prov_df["seed_row"]] if len(prov_df) else []
-        prov_df["reference_sample_id"] = train["sample_id"].to_numpy()[prov_df["reference_row"]] if len(prov_df) else []
-        notes = {"method": "MLSMOTE (Charte et al. 2015), ranking label rule", "k": cfg.smote_k}
-    else:
-        new_z, new_y, sm_notes = smote_multiclass(z, y, counts, cfg.smote_k, cfg.data_seed)
-        prov_df = pd.DataFrame({"tail_label": [labels[j] for j in new_y.argmax(1)]})
-        notes = {"method": "imbalanced-learn SMOTE", "k": cfg.smote_k,
-                 **{str(k): v for k, v in sm_notes.items()}}
-    codec = VAECodec.load(vae_name, cfg.device)
-    if codec.fingerprint()["weights_sha256"] != enc["vae"]["weights_sha256"]:
-        log(f"note: decoding SMOTE latents with VAE '{vae_name}', not the one the run was encoded with")
-    import shutil
-
-    import torch
-
-    shutil.rmtree(folder / "images", ignore_errors=True)  # a set made with other settings is replaced whole
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-
-    paths = [f"images/{i:06d}.png" for i in range(len(new_z))]
-    bs = 32
-    for a in tqdm(range(0, len(new_z), bs), desc="decode smote", disable=not progress, file=sys.stderr, leave=False):
-        imgs = codec.decode(torch.from_numpy(np.ascontiguousarray(new_z[a : a + bs])).float())
-        for p, img in zip(paths[a : a + bs], imgs):
-            save_png(img, str(folder / p))
-    man = pd.DataFrame({path_col: paths, "split": "synthetic"})
-    for j, lab in enumerate(labels):
-        man[lab] = new_y[:, j].astype(int)
-    write_csv_atomic(folder / "manifest.csv", man)
-    prov_df.insert(0, path_col, paths)
-    write_csv_atomic(folder / "provenance.csv", prov_df)
-    made = {"n_made": int(len(man)), "n_used": int(len(man)), "seconds": round(time.time() - t0, 2), **notes}
-    write_json_atomic(rec_path, {"hash": ident, "made": made, "vae": codec.identity()})
-    return {"folder": folder, "manifest": man, "tail_label": prov_df["tail_label"].tolist(), "identity": {"smote": ident},
-            "made": made}
+                         "encode": enc["config_hash"]})
+    kw = dict(what="the SMOTE set", wipe=[folder], extra={"latent_set": True})
+    try:
+        st = Stage.open(store, f"smote-{name}", ident, force=force, **kw)
+    except StageMismatch:  # made for another budget or split: made again
+        st = Stage.open(store, f"smote-{name}", ident, force=True, **kw)
+    if not st.done:
+        t0 = time.time()
+        z = store.latents().get(train["sample_id"].to_numpy()).numpy()
+        if multi:
+            new_z, new_y, prov = mlsmote(z, y, counts, cfg.smote_k, cfg.data_seed)
+            table = pd.DataFrame(prov)
+            table["tail_label"] = [labels[j] for j in table["label_column"]] if len(table) else []
+            table["seed_sample_id"] = train["sample_id"].to_numpy()[table["seed_row"]] if len(table) else []
+            table["reference_sample_id"] = train["sample_id"].to_numpy()[table["reference_row"]] if len(table) else []
+            notes = {"method": "MLSMOTE (Charte et al. 2015), ranking label rule", "k": cfg.smote_k}
+        else:
+            new_z, new_y, sm_notes = smote_multiclass(z, y, counts, cfg.smote_k, cfg.data_seed)
+            table = pd.DataFrame({"tail_label": [labels[j] for j in new_y.argmax(1)]})
+            notes = {"method": "imbalanced-learn SMOTE", "k": cfg.smote_k, **{str(k): v for k, v in sm_notes.items()}}
+        table.insert(0, "synth_id", np.arange(len(new_z)))
+        for j, lab in enumerate(labels):
+            table[lab] = new_y[:, j].astype(int)
+        table["slot"] = table["synth_id"]
+        if st.dist.is_main:
+            save_tensors_atomic(folder / "latents" / "00000.safetensors",
+                                {"latents": torch.from_numpy(np.ascontiguousarray(new_z)).float(),
+                                 "synth_id": torch.arange(len(new_z), dtype=torch.int64)})
+            write_csv_atomic(folder / "samples.csv", table)
+        st.finish(with_shards=False, files=["latents/00000.safetensors"], n_synthetic=int(len(new_z)),
+                  seconds=round(time.time() - t0, 2), notes=notes)
+    dec_rec = _decode(store, DecodeConfig(name=name, vae=cfg.vae, device=cfg.device), force, progress)
+    man, tail_label, _ = _decoded_set(store, name, per_label, "smote")
+    rec = store.stage(f"smote-{name}")
+    made = {"n_made": int(rec["n_synthetic"]), "n_used": len(man), "sample_seconds": rec.get("seconds"),
+            "decode_seconds": dec_rec.get("seconds"), **(rec.get("notes") or {})}
+    return {"folder": folder, "manifest": man, "tail_label": tail_label,
+            "identity": {"smote": ident, "decode": dec_rec["config_hash"]}, "made": made}
 
 
-def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool, log,
+def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
                    force: bool = False) -> dict:
     """Make (or reuse) the arm's synthetic set; return its manifest rows (absolute paths), targets and identity."""
     if sum(per_label.values()) == 0:
         raise TailfuseError("the augmentation budget is 0 for every tail label; nothing to add (see --balance-to, "
                             "--per-class).")
     if arm.is_fusion:
-        out = _fuse_with_budget(store, arm, per_label, cfg, progress, log, force)
+        out = _fuse_with_budget(store, arm, per_label, cfg, progress, force)
     elif arm.base == "prior-sample":
-        out = _prior_sample_set(store, arm, per_label, cfg, progress, log, force)
+        out = _prior_sample_set(store, arm, per_label, cfg, progress, force)
     elif arm.base == "vae-roundtrip":
-        out = _roundtrip_set(store, per_label, cfg, progress, log)
+        out = _roundtrip_set(store, per_label, cfg, progress)
     else:
-        out = _smote_set(store, per_label, cfg, progress, log, force)
+        out = _smote_set(store, per_label, cfg, progress, force)
     info = store.labels()
     path_col = info.get("path_column", "path")
     man = out["manifest"]
@@ -317,7 +307,7 @@ def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg
 
 def feature_diffusion_set(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig,
                           x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                          progress: bool, log) -> dict:
+                          progress: bool) -> dict:
     """LDMLR-style baseline: a small conditional diffusion model (``FeaturePrior``, the same trainer as the latent
     prior) on the real training images' frozen classifier features; tail features sampled with DDIM and guidance,
     budgeted like every arm (label vectors planned as for prior sampling). No images: the features join the
@@ -341,7 +331,7 @@ def feature_diffusion_set(store: RunStore, arm: ArmSpec, per_label: dict[str, in
             gen = z["features"]
     else:
         pcfg = PriorConfig(epochs=int(st["epochs"]), batch_size=64, lr=1e-3, seed=cfg.data_seed)
-        model = train_feature_prior(x_train, y_train, x_val, y_val, pcfg, folder / f"model-{ident[:16]}", progress, log)
+        model = train_feature_prior(x_train, y_train, x_val, y_val, pcfg, folder / f"model-{ident[:16]}", progress)
         sched = samplers.ddim_scheduler(model.scheduler())
         with torch.no_grad():
             eps = samplers.guided(model, torch.from_numpy(ys), float(st["guidance"]))

@@ -259,13 +259,13 @@ def tune_linear(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.n
     xs, xv = (x_tr - mu) / sd, (np.asarray(x_va, dtype=np.float64) - mu) / sd
     y_tr = np.asarray(y_tr, dtype=np.float64)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
-    best, best_c, best_model, history = -np.inf, None, None, {}
+    best, best_c, best_model, prev, history = -np.inf, None, None, None, {}
     for c in sorted(float(v) for v in c_grid):
         model = _LogReg(y_tr.shape[1], multi_label, w, max_iter)
-        if best_model is not None:
-            model.models = [copy.deepcopy(m) for m in last.models]  # warm start from the previous C
+        if prev is not None:
+            model.models = [copy.deepcopy(m) for m in prev.models]  # warm start from the previous C
         model.fit(xs, y_tr, c)
-        last = model
+        prev = model
         score = _val_map(y_va, model.predict(xv)) if len(y_va) else float("nan")
         history[f"{c:g}"] = None if np.isnan(score) else round(float(score), 5)
         key = score if not np.isnan(score) else -np.inf

@@ -52,7 +52,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="run folder (encode done; 'train' model for the fusion arms)")
     p.add_argument("--config", help="YAML file with a section 'evaluate' (flags override it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from ..cli import _verbosity
+
+    _verbosity(p)
     g = p.add_argument_group("arms and classifier")
     g.add_argument("--arms", type=_arm_list, help=f"comma-separated arms (default: {','.join(ARMS)}; also "
                    f"{','.join(OPTIONAL_ARMS)}, and fusion arms with other settings, e.g. "
@@ -92,7 +94,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def _command(args: argparse.Namespace) -> str:
     parts = ["tailfuse", "evaluate", "--run", str(args.run)]
     for k, v in vars(args).items():
-        if k in ("run", "command", "func") or v is None:
+        if k in ("run", "command", "func", "verbose", "processes") or v is None:
             continue
         flag = "--" + k.replace("_", "-")
         if k in ("quality", "train_missing"):  # store_false flags: given when False
@@ -116,7 +118,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "evaluate" not in SECTIONS:
         register_section("evaluate", EvaluateConfig)
     doc = load_yaml(args.config) if getattr(args, "config", None) else None
-    vals = {k: v for k, v in vars(args).items() if v is not None and k not in ("run", "config", "quiet", "force", "command")}
+    vals = {k: v for k, v in vars(args).items()
+            if v is not None and k not in ("run", "config", "quiet", "verbose", "processes", "force", "command")}
     cfg = resolve("evaluate", doc, vals)
     res = run_evaluate(args.run, cfg, force=bool(args.force), progress=not args.quiet, command=_command(args))
     args.output = res["output"]  # for callers (benchmarks/bench_evaluate.py)

@@ -132,9 +132,11 @@ class EvaluateConfig:
     weight_decay: list[float] = field(default_factory=lambda: [1e-4])  # finetune / cnn: the grid picked from on val
     batch_size: int = 64
     # augmentation budget: every augmentation arm adds the same number of new samples per tail label
-    balance_to: int | None = None  # target train count per tail label; default: median head-label train count
-    per_class: int | None = None  # or: this many new samples per tail label (overrides balance_to)
-    max_ratio: float = 5.0  # with balance_to: a tail label grows to at most max_ratio x its real train count
+    # (the budget rule, tailfuse.budget; default 'auto': each tail label up to the median head-label train count)
+    balance_to: int | None = None  # or: top each tail label up to this many training samples
+    per_class: int | None = None  # or: this many new samples per tail label
+    sampling_strategy: str | float | dict | None = None  # or: 'auto', a ratio of the median head count, {label: total}
+    max_ratio: float = 5.0  # 'auto' and ratios: a tail label grows to at most max_ratio x its real train count
     # budget sweep: every augmentation arm also at these multiples of each tail label's real train count
     budgets: list[float] = field(default_factory=list)
     folds: int | None = None  # K-fold evaluation of the whole pipeline (every image a test image once)

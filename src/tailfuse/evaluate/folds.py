@@ -16,6 +16,8 @@ over folds. Fold runs are ordinary run folders: they resume, and `tailfuse info 
 
 from __future__ import annotations
 
+import logging
+
 import shutil
 from dataclasses import fields, replace
 from pathlib import Path
@@ -25,8 +27,11 @@ import pandas as pd
 import yaml
 
 from ..config import TrainConfig, stable_hash
+from ..dist import current
 from ..store import RunStore, write_csv_atomic, write_json_atomic, write_text_atomic
 from .config import ArmSpec, EvaluateConfig
+
+log = logging.getLogger("tailfuse")
 
 
 def _strata(samples: pd.DataFrame, labels: list[str]) -> np.ndarray:
@@ -117,7 +122,7 @@ def _train_config(store: RunStore) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def run_folds(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool, progress: bool, log):
+def run_folds(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool, progress: bool):
     """Evaluate every fold; return the pooled raw results (for ``harness.summarise``) and the output folder."""
     from ..train import run_train
     from .harness import evaluate_split, summarise, _write
@@ -130,16 +135,21 @@ def run_folds(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force:
     raws = []
     for i, split in enumerate(splits):
         note = f"fold {i + 1} of {k} (seed {cfg.data_seed})"
-        fold = make_fold_run(store, out_dir / f"fold-{i}", split, note)
-        log(f"evaluate: == {note}: {int((split == 'train').sum())} train / {int((split == 'val').sum())} val / "
+        dist = current(cfg.device)
+        if dist.is_main:
+            make_fold_run(store, out_dir / f"fold-{i}", split, note)
+        dist.barrier()
+        fold = RunStore(out_dir / f"fold-{i}")
+        log.info(f"evaluate: == {note}: {int((split == 'train').sum())} train / {int((split == 'val').sum())} val / "
             f"{int((split == 'test').sum())} test images")
         if not (fold.stage("train") or {}).get("status") == "done":
-            log(f"evaluate: training the sparse model of {note}")
-        run_train(str(fold.root), tcfg, progress=progress, log=log)
-        raw = evaluate_split(fold, inner, specs, force, progress, log)
-        _write(summarise(raw, inner, specs), fold.root / "eval", log)  # the fold's own tables
-        raws.append(raw)
-    return pool(raws, k, cfg), out_dir
+            log.info(f"evaluate: training the sparse model of {note}")
+        run_train(str(fold.root), tcfg, progress=progress)
+        raw = evaluate_split(fold, inner, specs, force, progress)
+        if raw is not None:  # the main process (others helped make the sets)
+            _write(summarise(raw, inner, specs), fold.root / "eval")  # the fold's own tables
+            raws.append(raw)
+    return (pool(raws, k, cfg) if raws else None), out_dir
 
 
 def pool(raws: list[dict], k: int, cfg: EvaluateConfig) -> dict:

@@ -29,7 +29,7 @@ Arms (same classifier and tuning; see ``config.py``):
   tailfuse-kept          (only when named) + tailfuse with the `kept` label policy (multi-label data)
   <fusion arm>[k=v,...]  (only when named) a fusion arm with other fuse / decode settings, e.g.
                          tailfuse[pixel_detail=true,candidates=3]
-Every augmentation arm adds the same number of new samples per tail label (``resample.budget``; default: top each
+Every augmentation arm adds the same number of new samples per tail label (``tailfuse.budget``; default: top each
 tail label up to the median head-label train count, at most 5x its real count). ``--budgets 0.5,1,2,5`` also runs
 every augmentation arm at those multiples of each tail label's real train count (the sweep). Synthetic images enter
 training as a user would add them: PNG files plus manifest rows. The image arms' sets are made once per run (seed
@@ -52,24 +52,30 @@ redoes all of it.
 
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..budget import budget, strategy_from_flags, validate_strategy
 from ..config import stable_hash
+from ..dist import current
 from ..errors import TailfuseError
 from ..store import RunStore, now, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import TrainSet, class_weights, fit_images, fit_linear
 from .config import CLASSIFIERS, DEFAULT_EPOCHS, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
-from .resample import budget, mixup_pairs, oversample_rows
+from .resample import mixup_pairs, oversample_rows
+
+log = logging.getLogger("tailfuse")
 
 DEFAULT_LR = {"finetune": 1e-4, "cnn": 1e-3}
 CONTROLS = ("real", "oversample", "vae-roundtrip")  # every arm's tail mAP is compared with each of these present
@@ -95,10 +101,8 @@ def validate(cfg: EvaluateConfig) -> list[ArmSpec]:
         raise TailfuseError("--epochs must be >= 1, --batch-size >= 2 and --bootstrap >= 0.")
     if cfg.per_class is not None and cfg.balance_to is not None:
         raise TailfuseError("give either --per-class or --balance-to, not both.")
-    if (cfg.per_class is not None and cfg.per_class < 0) or (cfg.balance_to is not None and cfg.balance_to < 0):
-        raise TailfuseError("--per-class and --balance-to must be >= 0.")
-    if cfg.max_ratio < 1:
-        raise TailfuseError("--max-ratio must be >= 1.")
+    validate_strategy(strategy_from_flags(cfg.per_class, cfg.balance_to, cfg.sampling_strategy, default="auto"),
+                      cfg.max_ratio)
     if any(b <= 0 for b in cfg.budgets):
         raise TailfuseError("--budgets are positive multiples of each tail label's real train count, e.g. 0.5,1,2,5.")
     if cfg.folds is not None and cfg.folds < 2:
@@ -108,10 +112,6 @@ def validate(cfg: EvaluateConfig) -> list[ArmSpec]:
     if cfg.fid_max_images < 2 or cfg.pr_k < 1 or cfg.smote_k < 1:
         raise TailfuseError("--fid-max-images must be >= 2, --pr-k and --smote-k >= 1.")
     return specs
-
-
-def _log_default(*a):
-    print(*a, file=sys.stderr)
 
 
 def _npz_save(path, **arrays) -> None:
@@ -130,7 +130,8 @@ def _mean_std(vals: list[float]) -> tuple[float | None, float | None]:
 
 def budgets(train_counts: dict[str, int], head: list[str], tail: list[str], cfg: EvaluateConfig) -> dict[str, dict]:
     """The default budget (key ``main``) and the sweep's (keys ``x<multiple>``): new samples per tail label."""
-    out = {MAIN: budget(train_counts, head, tail, cfg.balance_to, cfg.per_class, cfg.max_ratio)}
+    strategy = strategy_from_flags(cfg.per_class, cfg.balance_to, cfg.sampling_strategy, default="auto")
+    out = {MAIN: budget(train_counts, head, tail, strategy, cfg.max_ratio)}
     for b in cfg.budgets:
         out[f"x{b:g}"] = {"rule": f"{b:g} x each tail label's real train count", "multiple": float(b),
                           "per_label": {lab: int(round(b * train_counts[lab])) for lab in tail}}
@@ -162,7 +163,7 @@ class _Pool:
 
 
 def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool = False,
-                   progress: bool = True, log=_log_default) -> dict:
+                   progress: bool = True) -> dict:
     """Every arm x budget x seed on the run's own train / val / test split. Returns the raw results (test
     predictions per arm, budget and seed, and what they rest on) that ``summarise`` turns into tables."""
     t_start = time.time()
@@ -188,7 +189,7 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
     train_counts = {lab: int(split["train"][lab].sum()) for lab in labels}
     buds = budgets(train_counts, head, tail, cfg)
     n_max = {lab: max(b["per_label"][lab] for b in buds.values()) for lab in tail}
-    log(f"evaluate: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test images; "
+    log.info(f"evaluate: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test images; "
         f"budget: " + ", ".join(f"{lab} +{n}" for lab, n in buds[MAIN]["per_label"].items())
         + f" ({buds[MAIN]['rule']})" + (f"; sweep {', '.join(k for k in buds if k != MAIN)}" if len(buds) > 1 else ""))
     timings: dict[str, dict] = {s.name: {} for s in specs}
@@ -198,13 +199,13 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
     if any(s.base == "tailfuse-no-imitation" or dict(s.fuse).get("model") == "train-no-imitation" for s in specs):
         from .arms import ensure_no_imitation_model
 
-        sec = ensure_no_imitation_model(store, cfg, progress, log)
+        sec = ensure_no_imitation_model(store, cfg, progress)
         if sec:
             extra_seconds["train-no-imitation model training (not part of the evaluation budget)"] = round(sec, 1)
     if any(s.needs_prior for s in specs):
         from .arms import ensure_prior
 
-        sec = ensure_prior(store, cfg, progress, log)
+        sec = ensure_prior(store, cfg, progress)
         if sec:
             extra_seconds["latent prior training (not part of the evaluation budget)"] = round(sec, 1)
     if cfg.classifier != "linear" and any(s.base == "feature-diffusion" for s in specs):
@@ -214,9 +215,15 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         from .arms import make_image_arm
 
         t = time.time()
-        log(f"evaluate: synthetic set of arm '{spec.name}'")
-        arm_sets[spec.name] = make_image_arm(store, spec, n_max, cfg, progress, log, force=force)
+        log.info(f"evaluate: synthetic set of arm '{spec.name}'")
+        arm_sets[spec.name] = make_image_arm(store, spec, n_max, cfg, progress, force=force)
         timings[spec.name]["synthetic_set"] = round(time.time() - t, 2)
+
+    # several processes: they made the synthetic sets together; the classifiers and figures are the main process's
+    dist = current(cfg.device)
+    if not dist.is_main:
+        dist.barrier()
+        return None
 
     # --- the image pool and its features
     pool = _Pool()
@@ -235,13 +242,13 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         feats = image_features(pool.paths, Backbone(cfg.device), features_dir(store), image_size,
                                cfg.feature_batch_size, progress, resize=resize, desc="EfficientNet-Lite0 features")
         features_seconds = round(time.time() - t, 2)
-        log(f"evaluate: features of {len(pool.paths)} images in {features_seconds:.1f} s (cached)")
+        log.info(f"evaluate: features of {len(pool.paths)} images in {features_seconds:.1f} s (cached)")
         for spec in [s for s in specs if s.base == "feature-diffusion"]:  # generated features join the pool
             from .arms import feature_diffusion_set
 
             t = time.time()
             fd = feature_diffusion_set(store, spec, n_max, cfg, feats[rows_real["train"]], y_tr.astype(np.float32),
-                                       feats[rows_real["val"]], y_va.astype(np.float32), progress, log)
+                                       feats[rows_real["val"]], y_va.astype(np.float32), progress)
             rows_arm[spec.name] = np.arange(len(feats), len(feats) + len(fd["features"]))
             feats = np.concatenate([feats, fd["features"]])
             arm_sets[spec.name] = {**fd, "folder": store.root / "eval" / spec.slug, "no_images": True}
@@ -353,8 +360,9 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
             sel = _first_per_label(st["tail_label"], buds[MAIN]["per_label"])
             main_sets[name] = {**st, "paths": [st["paths"][i] for i in sel],
                                "main_tail_label": [st["tail_label"][i] for i in sel]}
-        quality = run_quality(store, cfg, tail, split, main_sets, feats, pool.where, image_size, resize, progress, log)
+        quality = run_quality(store, cfg, tail, split, main_sets, feats, pool.where, image_size, resize, progress)
         quality["seconds"] = round(time.time() - t, 2)
+    dist.barrier()
     return {
         "run": str(store.root.resolve()),
         "meta": {"labels": labels, "head_labels": head, "tail_labels": tail, "multi_label": multi,
@@ -466,7 +474,7 @@ def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
     }
 
 
-def _write(results: dict, out_dir, log) -> dict:
+def _write(results: dict, out_dir) -> dict:
     from .report import plots, results_markdown
 
     write_json_atomic(out_dir / "results.json", results)
@@ -474,13 +482,13 @@ def _write(results: dict, out_dir, log) -> dict:
     try:
         results["plots"] = plots(results, out_dir)
     except Exception as e:  # plotting is a convenience; the numbers are written already
-        log(f"evaluate: plots failed ({type(e).__name__}: {e})")
+        log.info(f"evaluate: plots failed ({type(e).__name__}: {e})")
         results["plots"] = []
     write_json_atomic(out_dir / "results.json", results)
     return results
 
 
-def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True, log=_log_default,
+def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True,
                  command: str | None = None) -> dict:
     specs = validate(cfg)
     if cfg.threads:
@@ -491,10 +499,12 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     if cfg.folds:
         from .folds import run_folds
 
-        raw, out_dir = run_folds(store, cfg, specs, force, progress, log)
+        raw, out_dir = run_folds(store, cfg, specs, force, progress)
     else:
-        raw = evaluate_split(store, cfg, specs, force, progress, log)
+        raw = evaluate_split(store, cfg, specs, force, progress)
         out_dir = store.root / "eval"
+    if raw is None:  # another process than the main one: it helped make the synthetic sets
+        return {"output": str(out_dir), "arms": {}, "run": str(store.root.resolve())}
     results = summarise(raw, cfg, specs)
     if cfg.folds:
         results["folds"] = raw["folds"]
@@ -504,6 +514,6 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     results["timings"]["evaluation_seconds"] = round(time.time() - t_start - sum((results["timings"].get("extra") or {}).values()), 1)
     _npz_save(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
               **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
-    results = _write(results, out_dir, log)
-    log(f"evaluate: wrote {out_dir / 'results.json'} and results.md in {time.time() - t_start:.0f} s")
+    results = _write(results, out_dir)
+    log.info(f"evaluate: wrote {out_dir / 'results.json'} and results.md in {time.time() - t_start:.0f} s")
     return results

@@ -3,10 +3,14 @@ its separability from the real tail training images (``quality.separability_auc`
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .config import EvaluateConfig
 from .quality import InceptionFID, frechet_distance, knn_precision_recall, memorisation, separability_auc
+
+log = logging.getLogger("tailfuse")
 
 
 FLOOR = "floor (real train)"
@@ -18,8 +22,7 @@ def _subsample(n: int, m: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
 
 
-def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where, image_size, resize, progress,
-                log) -> dict:
+def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where, image_size, resize, progress) -> dict:
     """FID, domain Frechet distance and k-NN precision/recall of each image arm (and the real-train floor) against
     the real test images that carry a tail label, pooled over tail labels; and each set's separability from the
     real training images carrying a tail label (the floor: real test against real train)."""
@@ -86,7 +89,7 @@ def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where,
         out["sets"][name]["memorisation"] = memorisation(all_train_dom, np.stack([feats[where[p]] for p in mem_paths]),
                                                          mem_groups)
         auc = out["sets"][name]["separability"]["auc"]
-        log(f"evaluate: quality of {name}: FID {out['sets'][name]['fid']:.1f}, domain FD "
+        log.info(f"evaluate: quality of {name}: FID {out['sets'][name]['fid']:.1f}, domain FD "
             f"{out['sets'][name]['fd_domain']:.1f} ({len(paths)} vs {len(test_paths)} images), separability AUC "
             + ("n/a" if auc is None else f"{auc:.3f}"))
     return out

@@ -1,13 +1,4 @@
-"""The augmentation budget and the classical resamplers of the baseline arms.
-
-Budget (one setting for every augmentation arm): each tail label l with c_l real training positives gets
-
-    n_l = per_class                                   if per_class is given, else
-    n_l = max(0, min(T - c_l, ceil((max_ratio - 1) * c_l)))
-
-new samples, T = ``balance_to`` or, by default, the median training count of the head labels; ``max_ratio``
-(default 5) caps a label at 5x its real count, so a label with 2 real images is not asked for 300 copies of them
-and the whole table stays within the time budget. The counts are recorded in results.json.
+"""The classical resamplers of the baseline arms (the budget they fill is ``tailfuse.budget``).
 
 * ``oversample_rows`` — random over-sampling: multi-class through imbalanced-learn's ``RandomOverSampler``
   (``sampling_strategy = {class: c + n}``); multi-label by drawing, for each tail label, n_l rows with replacement
@@ -31,39 +22,10 @@ and the whole table stays within the time budget. The counts are recorded in res
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..errors import TailfuseError
-
-
-def budget(train_counts: dict[str, int], head: list[str], tail: list[str], balance_to: int | None = None,
-           per_class: int | None = None, max_ratio: float = 5.0) -> dict:
-    """New samples per tail label, and how the number was chosen."""
-    if per_class is not None:
-        if per_class < 0:
-            raise TailfuseError("--per-class must be >= 0.")
-        per = {lab: (int(per_class) if train_counts[lab] > 0 else 0) for lab in tail}
-        return {"rule": f"per_class = {per_class} new samples per tail label (0 for a label without training positives)",
-                "target": None, "per_label": per}
-    if balance_to is not None and balance_to < 0:
-        raise TailfuseError("--balance-to must be >= 0.")
-    if max_ratio < 1:
-        raise TailfuseError("--max-ratio must be >= 1.")
-    if balance_to is None:
-        if not head:
-            raise TailfuseError("the run has no head labels; give --balance-to or --per-class.")
-        target = int(round(float(np.median([train_counts[lab] for lab in head]))))
-        how = "median head-label train count"
-    else:
-        target, how = int(balance_to), "balance_to"
-    per = {}
-    for lab in tail:  # a label with no training positive cannot be augmented: 0 (max_ratio x 0)
-        c = int(train_counts[lab])
-        per[lab] = max(0, min(target - c, math.ceil((max_ratio - 1) * c)))
-    return {"rule": f"top each tail label up to T = {target} ({how}), at most {max_ratio:g}x its real train count",
-            "target": target, "max_ratio": max_ratio, "per_label": per}
 
 
 def oversample_rows(y: np.ndarray, counts: dict[int, int], multi_label: bool, seed: int) -> np.ndarray:

@@ -10,8 +10,8 @@ Saliency maps and neighbours are cached in ``<run>/saliency/<model>-g<generation
 
 from __future__ import annotations
 
+import logging
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,10 +20,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import FuseConfig, stable_hash
+from ..budget import budget, per_class_strategy, strategy_from_flags, validate_strategy
+from ..config import FuseConfig, hashed_settings, stable_hash
+from ..dist import current
 from ..errors import TailfuseError
-from ..store import RunStore, ShardSet, file_sha256, now, open_stage, save_tensors_atomic, write_csv_atomic
-from ..train import load_model
+from ..latentset import LatentSet
+from ..sparse.nets import SparseModel
+from ..stage import Stage
+from ..store import RunStore, ShardSet, file_sha256, save_tensors_atomic, write_csv_atomic
+
+log = logging.getLogger("tailfuse")
 from .fuse import draw_thresholds, fuse_latents, fusion_masks, plan, sample_generator
 from .neighbours import INDEX_KINDS, nearest
 from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, saliency_targets
@@ -52,6 +58,8 @@ def _validate(cfg: FuseConfig) -> None:
         raise TailfuseError("give either --per-class or --balance-to, not both.")
     if (cfg.per_class is not None and cfg.per_class < 0) or (cfg.balance_to is not None and cfg.balance_to < 0):
         raise TailfuseError("--per-class and --balance-to must be >= 0.")
+    validate_strategy(strategy_from_flags(cfg.per_class, cfg.balance_to, cfg.sampling_strategy, default="auto"),
+                      cfg.max_ratio)
     if cfg.neighbours < 1 or cfg.batch_size < 1 or cfg.shard_size < 1:
         raise TailfuseError("--neighbours, batch and shard sizes must be at least 1.")
     if not 0 <= cfg.fill_prob <= 1 or cfg.q_spread < 0:
@@ -84,55 +92,55 @@ def model_identity(store: RunStore, model: str, generation: int | None) -> tuple
     return gen, file_sha256(path)
 
 
-def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: str, progress: bool, log) -> tuple[pd.DataFrame, ShardSet, Path]:
+def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: str, progress: bool) -> tuple[pd.DataFrame, ShardSet, Path]:
     """Maps for every training sample (its target labels); cached per model, generation and CAM method."""
     tag = f"{cfg.model}-g{gen:02d}-{cfg.cam}-{cfg.cam_layer}"
     name = f"saliency-{tag}"
     folder = store.root / "saliency" / tag
     enc = store.stage("encode")
     config_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "layer": cfg.cam_layer, "inputs": enc["inputs_hash"]})
-    rec = open_stage(store, name, config_hash, False, [folder], log, "saliency maps")
-    if rec is not None and rec.get("status") == "done":
+    st = Stage.open(store, name, config_hash, what="saliency maps", wipe=[folder], inputs={"model": model_sha})
+    if st.done:
         table = pd.read_csv(folder / "maps.csv")
-        return table, ShardSet(folder, rec["files"], id_key="row_id", key="maps"), folder
+        return table, ShardSet(folder, st.record["files"], id_key="row_id", key="maps"), folder
     labels_info = store.labels()
     labels, tail = labels_info["labels"], labels_info["tail_labels"]
     samples = store.samples()
     train = samples[samples["split"] == "train"].reset_index(drop=True)
     shards = store.latents()
+    device = next(model.parameters()).device
     probs = []
     with torch.no_grad():
         for i in range(0, len(train), cfg.batch_size):
-            z = shards.get(train["sample_id"].to_numpy()[i : i + cfg.batch_size])
-            probs.append(model.probabilities(model.classify(model.code(z))))
+            z = shards.get(train["sample_id"].to_numpy()[i : i + cfg.batch_size]).to(device)
+            probs.append(model.probabilities(model.classify(model.code(z))).cpu())
     probs = torch.cat(probs).numpy()
     table = saliency_targets(train, labels, tail, probs)
     table.insert(0, "row_id", np.arange(len(table), dtype=np.int64))
     n_unlabelled = int((train[labels].sum(axis=1) == 0).sum())
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    t0 = time.time()
-    bar = tqdm(total=len(table), desc=f"saliency ({cfg.cam})", unit="map", disable=not progress, file=sys.stderr)
+    starts = list(range(0, len(table), cfg.shard_size))
+    files = [f"{si:05d}.safetensors" for si in range(len(starts))]
+    bar = tqdm(total=len(table), desc=f"saliency ({cfg.cam})", unit="map", disable=not progress or not st.dist.is_main,
+               file=sys.stderr)
     try:
-        for si, start in enumerate(range(0, len(table), cfg.shard_size)):
-            part = table.iloc[start : start + cfg.shard_size]
+        for si in st.todo(list(range(len(starts)))):
+            part = table.iloc[starts[si] : starts[si] + cfg.shard_size]
             maps = []
             for b in range(0, len(part), cfg.batch_size):
                 sub = part.iloc[b : b + cfg.batch_size]
-                z = shards.get(sub["sample_id"].to_numpy())
-                maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam, cfg.cam_layer))
-                bar.update(len(sub))
-            fname = f"{si:05d}.safetensors"
-            save_tensors_atomic(folder / fname, {"maps": torch.cat(maps), "row_id": torch.from_numpy(part["row_id"].to_numpy().copy())})
-            files.append(fname)
+                z = shards.get(sub["sample_id"].to_numpy()).to(device)
+                maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam, cfg.cam_layer).cpu())
+                bar.update(len(sub) * st.dist.world)
+            save_tensors_atomic(folder / files[si], {"maps": torch.cat(maps), "row_id": torch.from_numpy(part["row_id"].to_numpy().copy())})
+            st.finish_shard(si, {"file": files[si], "n": len(part)})
     finally:
         bar.close()
-    write_csv_atomic(folder / "maps.csv", table)
-    store.write_stage(name, {"stage": name, "status": "done", "config_hash": config_hash, "files": files,
-                             "n_maps": len(table), "n_unlabelled_left_out": n_unlabelled,
-                             "seconds": round(time.time() - t0, 2), "finished_at": now()})
+    if st.dist.is_main:
+        write_csv_atomic(folder / "maps.csv", table)
+    st.finish(files=files, n_maps=len(table), n_unlabelled_left_out=n_unlabelled)
     if n_unlabelled:
-        log(f"note: {n_unlabelled} training samples carry no label and were left out of the head pool")
+        log.info(f"note: {n_unlabelled} training samples carry no label and were left out of the head pool")
     return table, ShardSet(folder, files, id_key="row_id", key="maps"), folder
 
 
@@ -147,7 +155,7 @@ def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0) -> torch.Tenso
 
 
 def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseConfig, labels: list[str],
-                   groups: pd.Series | None = None, log=print) -> pd.DataFrame:
+                   groups: pd.Series | None = None, write: bool = True) -> pd.DataFrame:
     """For every tail map: the cfg.neighbours nearest head-pool maps. Positions in the pool map back to rows via
     ``head['row_id']`` and to samples via ``head['sample_id']`` (one lookup, here).
 
@@ -181,8 +189,8 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
             dist[qi[:, None], np.arange(d.shape[1])[None]] = d
             pos[qi[:, None], np.arange(p.shape[1])[None]] = p
         n_out = int((~within).sum())
-        if n_out:
-            log(f"note: {n_out} tail maps have no head sample with the same {cfg.neighbours_within}; their partners "
+        if n_out and write:
+            log.info(f"note: {n_out} tail maps have no head sample with the same {cfg.neighbours_within}; their partners "
                 "come from the whole head pool (within_group = False in provenance)")
     rows = []
     for i in range(len(tail)):
@@ -198,8 +206,9 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
             })
     out = pd.DataFrame(rows)
     within_tag = f"-within-{_slug(cfg.neighbours_within)}" if cfg.neighbours_within else ""
-    write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-s{cfg.saliency_smooth:g}-{cfg.index}-k{cfg.neighbours}"
-                              f"{within_tag}.csv", out)
+    if write:
+        write_csv_atomic(folder / f"neighbours-{cfg.saliency_norm}-s{cfg.saliency_smooth:g}-{cfg.index}-k{cfg.neighbours}"
+                                  f"{within_tag}.csv", out)
     return out
 
 
@@ -226,40 +235,47 @@ def soft_targets(y_tail: np.ndarray, y_head: np.ndarray, tail_share: float, head
     return y
 
 
-def target_counts(cfg: FuseConfig, train_counts: dict[str, int], tail: list[str]) -> dict[str, int]:
-    if cfg.balance_to is not None:
-        return {lab: max(0, cfg.balance_to - train_counts[lab]) for lab in tail}
-    n = 100 if cfg.per_class is None else cfg.per_class
-    return {lab: n for lab in tail}
+def target_counts(cfg: FuseConfig, train_counts: dict[str, int], head: list[str], tail: list[str]) -> dict[str, int]:
+    """New samples per tail label: the budget rule (budget.py) with fuse's flags (default: 100 per tail label)."""
+    strategy = strategy_from_flags(cfg.per_class, cfg.balance_to, cfg.sampling_strategy, default=per_class_strategy(100))
+    return budget(train_counts, head, tail, strategy, cfg.max_ratio)["per_label"]
 
 
-def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = True, log=print) -> dict:
+def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = True, model=None) -> dict:
+    """Fuse tail and head samples into ``<run>/<cfg.name>``; returns the stage record. ``model``: a loaded
+    SparseModel (default: the run's ``cfg.model`` at ``cfg.generation``). Shards are shared between processes."""
     _validate(cfg)
     store = RunStore(run)
     store.require("encode")
     _check_group_column(store, cfg)
     gen, model_sha = model_identity(store, cfg.model, cfg.generation)
-    model = load_model(run, cfg.model, gen, device="cpu")
+    dist = current(cfg.device)
     labels_info = store.labels()
-    labels, tail = labels_info["labels"], labels_info["tail_labels"]
+    labels, head, tail = labels_info["labels"], labels_info["head_labels"], labels_info["tail_labels"]
     multi = labels_info["multi_label"]
+    samples = store.samples().set_index("sample_id")
+    train = samples[samples["split"] == "train"]
+    counts = target_counts(cfg, {lab: int(train[lab].sum()) for lab in labels}, head, tail)  # validates the budget
+    model = model if model is not None else SparseModel.from_run(store, cfg.model, gen, device=cfg.device)
+    device = next(model.parameters()).device
     out = store.root / cfg.name
     stage = f"fuse-{cfg.name}"
     enc = store.stage("encode")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "batch_size")}
+    settings = hashed_settings(cfg, exclude=("device", "batch_size"))
     config_hash = stable_hash({"fuse": settings, "model_sha256": model_sha, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
-    rec = open_stage(store, stage, config_hash, force, [out, store.root / "stages" / f"decode-{cfg.name}.json"], log, f"synthetic set '{cfg.name}'")
-    if rec is not None and rec.get("status") == "done":
-        log(f"fuse already done for '{cfg.name}' ({rec['n_synthetic']} samples); skipping (use --force to redo).")
-        return rec
-    store.write_config(stage, asdict(cfg))
+    st = Stage.open(store, stage, config_hash, what=f"synthetic set '{cfg.name}'", force=force, dist=dist,
+                    wipe=[out, store.stage_path(f"decode-{cfg.name}"), Stage.marker_dir(store, f"decode-{cfg.name}")],
+                    inputs={"encode": enc["config_hash"], cfg.model: model_sha},
+                    extra={"model": cfg.model, "generation": gen, "model_sha256": model_sha, "latent_set": True})
+    if st.done:
+        log.info(f"fuse already done for '{cfg.name}' ({st.record['n_synthetic']} samples); skipping (use --force to redo).")
+        return st.record
+    if dist.is_main:
+        store.write_config(stage, asdict(cfg))
 
-    table, maps, sal_folder = run_saliency(store, cfg, model, gen, model_sha, progress, log)
-    samples = store.samples().set_index("sample_id")
+    table, maps, sal_folder = run_saliency(store, cfg, model, gen, model_sha, progress)
     groups = samples[cfg.neighbours_within].astype(str) if cfg.neighbours_within else None
-    neigh = run_neighbours(table, maps, sal_folder, cfg, labels, groups, log)
-    train = samples[samples["split"] == "train"]
-    counts = target_counts(cfg, {lab: int(train[lab].sum()) for lab in labels}, tail)
+    neigh = run_neighbours(table, maps, sal_folder, cfg, labels, groups, write=dist.is_main)
     tail_rows: dict[str, list[int]] = {}
     for r in table[table["role"] == "tail"].itertuples():
         tail_rows.setdefault(labels[r.target], []).append(int(r.row_id))
@@ -268,20 +284,16 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
         raise TailfuseError("nothing to make: the requested counts are 0 for every tail label.")
     nb = {(int(r.tail_row), int(r.rank)): r for r in neigh.itertuples()}
     n_neigh = neigh.groupby("tail_row")["rank"].max().add(1).to_dict()  # fewer in a small --neighbours-within group
-
-    if rec is None:
-        rec = {"stage": stage, "status": "running", "config_hash": config_hash, "model": cfg.model, "generation": gen,
-               "model_sha256": model_sha, "n_planned": len(items), "shards": {}, "started_at": now(), "seconds": 0.0}
+    st.update(n_planned=len(items))
     shards = store.latents()
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
-    done = sum(min(cfg.shard_size, len(items) - int(k) * cfg.shard_size) for k in rec["shards"])
-    bar = tqdm(total=len(items), initial=done, desc=f"fuse {cfg.name}", unit="sample", disable=not progress, file=sys.stderr)
-    t0 = time.time()
+    files = [f"latents/{si:05d}.safetensors" for si in range(n_shards)]
+    done = sum(int(v["n"]) for v in st.shards().values())
+    bar = tqdm(total=len(items), initial=done, desc=f"fuse {cfg.name}", unit="sample",
+               disable=not progress or not dist.is_main, file=sys.stderr)
     sal_hash = store.stage(f"saliency-{sal_folder.name}")["config_hash"]
     try:
-        for si in range(n_shards):
-            if str(si) in rec["shards"] and (out / rec["shards"][str(si)]["file"]).is_file():
-                continue
+        for si in st.todo(list(range(n_shards))):
             lo = si * cfg.shard_size
             chunk = items[lo : lo + cfg.shard_size]
             lats, masks, prov = [], [], []
@@ -291,7 +303,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                 nrows = [nb[(row, rank % n_neigh[row])] for _, row, rank, *_ in part]
                 t_ids = [int(n.tail_sample_id) for n in nrows]
                 h_ids = [int(n.head_sample_id) for n in nrows]
-                z_t, z_h = shards.get(t_ids), shards.get(h_ids)
+                z_t, z_h = shards.get(t_ids).to(device), shards.get(h_ids).to(device)
                 s_t = _normalise(maps.get([int(n.tail_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
                 s_h = _normalise(maps.get([int(n.head_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
                 q1s, q2s, takes, ts, gs = [], [], [], [], []
@@ -302,7 +314,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                     q1s.append(float(q1)), q2s.append(float(q2))
                     takes.append(mk["take_tail"]), ts.append(mk["T"]), gs.append(mk["G"])
                 take = torch.cat(takes)
-                fused = fuse_latents(model, z_t, z_h, take, cfg.code, cfg.detail, cfg.feather)
+                fused = fuse_latents(model, z_t, z_h, take.to(device), cfg.code, cfg.detail, cfg.feather).cpu()
                 lats.append(fused)
                 masks.append(take.to(torch.uint8))
                 share = take.float().mean((1, 2)).numpy()
@@ -339,45 +351,31 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,
                         "fuse_hash": config_hash,
                     })
-                bar.update(len(part))
-            fname = f"latents/{si:05d}.safetensors"
-            save_tensors_atomic(out / fname, {"latents": torch.cat(lats).float(), "mask": torch.cat(masks),
-                                              "synth_id": torch.tensor([p["synth_id"] for p in prov], dtype=torch.int64)})
+                bar.update(len(part) * dist.world)
+            save_tensors_atomic(out / files[si], {"latents": torch.cat(lats).float(), "mask": torch.cat(masks),
+                                                  "synth_id": torch.tensor([p["synth_id"] for p in prov], dtype=torch.int64)})
             write_csv_atomic(out / "parts" / f"{si:05d}.csv", pd.DataFrame(prov))
-            rec["shards"][str(si)] = {"file": fname, "n": len(prov)}
-            rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
-            t0 = time.time()
-            store.write_stage(stage, rec)
+            st.finish_shard(si, {"file": files[si], "n": len(prov)})
     finally:
         bar.close()
+    dist.barrier()
     parts = [pd.read_csv(out / "parts" / f"{si:05d}.csv") for si in range(n_shards)]
     allrows = pd.concat(parts, ignore_index=True)
-    write_csv_atomic(out / "samples.csv", allrows)
+    if dist.is_main:
+        write_csv_atomic(out / "samples.csv", allrows)
     per_label = {lab: int((allrows["tail_label"] == lab).sum()) for lab in tail}
-    rec.update(status="done", n_synthetic=len(allrows), per_label=per_label, finished_at=now(),
-               mean_tail_share=float(allrows["tail_share"].mean()),
-               files=[rec["shards"][str(si)]["file"] for si in range(n_shards)])
-    store.write_stage(stage, rec)
-    log(f"fused {len(allrows)} synthetic latents into {out} ("
-        + ", ".join(f"{k} {v}" for k, v in per_label.items()) + f"); mean tail share {rec['mean_tail_share']:.2f}")
+    rec = st.finish(n_synthetic=len(allrows), per_label=per_label, mean_tail_share=float(allrows["tail_share"].mean()),
+                    files=files)
+    log.info(f"fused {len(allrows)} synthetic latents into {out} ("
+             + ", ".join(f"{k} {v}" for k, v in per_label.items()) + f"); mean tail share {rec['mean_tail_share']:.2f}")
     return rec
 
 
-LATENT_SET_STAGES = ("fuse", "refine", "sample")  # the stages that make a set of synthetic latents
-
-
 def latent_set(store: RunStore, name: str = "synthetic") -> tuple[dict, ShardSet, Path]:
-    """A finished set of synthetic latents, whichever stage made it: (its stage record, its shards, its folder)."""
-    for kind in LATENT_SET_STAGES:
-        rec = store.stage(f"{kind}-{name}")
-        if rec is not None:
-            if rec.get("status") != "done":
-                raise TailfuseError(f"the latent set '{name}' in {store.root} is unfinished; rerun `tailfuse {kind}` "
-                                    "to complete it.")
-            return rec, ShardSet(store.root / name, rec["files"], id_key="synth_id"), store.root / name
-    raise TailfuseError(f"run folder {store.root} has no latent set '{name}'; run `tailfuse fuse --run {store.root}` "
-                        "(or `tailfuse refine`) first.")
+    """A finished set of synthetic latents, whichever stage made it: (its record, its shards, its folder)."""
+    ls = LatentSet.open(store, name)
+    return ls.record, ls.shards, ls.folder
 
 
 def synthetic_latents(store: RunStore, name: str = "synthetic") -> ShardSet:
-    return latent_set(store, name)[1]
+    return LatentSet.open(store, name).shards

@@ -14,6 +14,8 @@ GroupNorm everywhere: no running statistics, so train and eval behave the same.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -142,6 +144,47 @@ class SparseModel(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multi_label else logits.softmax(1)
+
+    # --- persistence, as diffusers' ModelMixin does it: a folder with config.json and model.safetensors
+    def save_pretrained(self, folder, extra: dict | None = None) -> None:
+        from ..store import save_tensors_atomic, write_json_atomic
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(folder / "model.safetensors", {k: v.detach().cpu() for k, v in self.state_dict().items()})
+        write_json_atomic(folder / "config.json", {"hparams": self.hparams, **(extra or {})})
+
+    @classmethod
+    def from_pretrained(cls, folder, device: str = "cpu") -> "SparseModel":
+        import json
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            from ..errors import TailfuseError
+
+            raise TailfuseError(f"{folder} holds no sparse model (config.json and model.safetensors).")
+        cfg = json.loads((folder / "config.json").read_text())
+        model = cls(**cfg["hparams"])
+        state = load_file(str(folder / "model.safetensors"))
+        model.mu = torch.empty_like(state["mu"])  # the per-element mean has the latent grid's shape
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+    @classmethod
+    def from_run(cls, store, name: str = "train", generation: int | None = None, device: str = "cpu") -> "SparseModel":
+        """The trained model ``name`` of a run folder: its last generation unless ``generation`` is given."""
+        from ..errors import TailfuseError
+
+        rec = store.stage(name)
+        if not rec or not rec.get("generations_done"):
+            raise TailfuseError(f"run folder {store.root} has no trained model '{name}'; run `tailfuse train` first.")
+        gens = rec["generations_done"]
+        g = gens[-1] if generation is None else generation
+        if g not in gens:
+            raise TailfuseError(f"model '{name}' has generations {gens}; generation {g} does not exist.")
+        return cls.from_pretrained(store.root / name / f"gen-{g:02d}", device)
 
 
 def one_hot(index: torch.Tensor, k: int) -> torch.Tensor:
