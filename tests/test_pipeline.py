@@ -4,6 +4,7 @@ the demo's dataset."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -85,3 +86,88 @@ def test_demo_manifest_keeps_every_tail_image_and_caps_the_head(tmp_path):
             assert counts[g] == min(DEMO_HEAD_CAP, full[g].sum())
     assert len(full) == 2624
     assert all(Image.open(p).size == (300, 300) for p in m["path"].head(5))
+
+
+def test_two_processes_write_the_same_bytes_as_one(tmp_path):
+    """`tailfuse --processes 2 run` (torch.distributed.run, gloo on CPUs; each process takes every other shard) writes
+    byte-identical latents, images, manifest and provenance to one process (one thread per process in both)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from tiny import tiny_autoencoder_tiny
+
+    tiny_autoencoder_tiny(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    (tmp_path / "in" / "img").mkdir(parents=True)
+    rows = []
+    for i in range(60):
+        c = "t" if i % 5 == 1 else ("a" if i % 2 else "b")
+        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
+        img[:, :, "abt".index(c)] += 150
+        Image.fromarray(img).save(tmp_path / "in" / "img" / f"{i}.png")
+        rows.append({"path": f"img/{i}.png", "split": "train" if i < 48 else "val", **{k: int(k == c) for k in "abt"}})
+    pd.DataFrame(rows).to_csv(tmp_path / "in" / "m.csv", index=False)
+    (tmp_path / "run.yaml").write_text(
+        "train: {generations: 1, epochs: 1, k: 8, dim: 4, tau: 0.3, width_e: 8, blocks_e: 1, width_d: 8, blocks_d: 1, "
+        "width_c: 8, batch_size: 16}\nencode: {batch_size: 8, shard_size: 16}\n"
+        "fuse: {per_class: 20, shard_size: 8, batch_size: 4}\ndecode: {shard_size: 8}\n"
+        "data: {image_size: 64, tail_labels: [t]}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    base = [sys.executable, "-m", "tailfuse"]
+    args = ["run", "--data", str(tmp_path / "in" / "m.csv"), "--vae", str(tmp_path / "vae"), "--config",
+            str(tmp_path / "run.yaml"), "--quiet"]
+    for run, extra in (("one", []), ("two", ["--processes", "2"])):
+        r = subprocess.run([*base, *extra, *args, "--run", str(tmp_path / run)], env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def digest(root):  # what the stages wrote (records and logs carry times and process ids; they are left out)
+        files = [*root.glob("latents/*"), root / "samples.csv", root / "labels.json", *root.glob("train/gen-*/*"),
+                 *root.glob("saliency/*/*"), *root.rglob("synthetic/**/*")]
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files) if p.is_file()}
+
+    one, two = digest(tmp_path / "one"), digest(tmp_path / "two")
+    assert one.keys() == two.keys() and len([k for k in one if k.startswith("synthetic/images/")]) == 20
+    assert [k for k in one if one[k] != two[k]] == []
+    rec = RunStore(tmp_path / "two").stage("fuse-synthetic")
+    assert rec["status"] == "done" and sorted(rec["shards"]) == ["0", "1", "2"]  # shards from both processes
+
+
+def test_data_parallel_training_matches_one_process(tmp_path):
+    """`tailfuse --processes 2 train --ddp`: both processes train on halves of every batch with averaged gradients;
+    the model's figures equal single-process training up to floating-point order."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import tiny_autoencoder_tiny
+
+    tiny_autoencoder_tiny(tmp_path / "vae")
+    rng = np.random.default_rng(1)
+    (tmp_path / "in" / "img").mkdir(parents=True)
+    rows = []
+    for i in range(48):
+        c = "t" if i % 5 == 1 else ("a" if i % 2 else "b")
+        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
+        img[:, :, "abt".index(c)] += 150
+        Image.fromarray(img).save(tmp_path / "in" / "img" / f"{i}.png")
+        rows.append({"path": f"img/{i}.png", "split": "train" if i < 40 else "val", **{k: int(k == c) for k in "abt"}})
+    pd.DataFrame(rows).to_csv(tmp_path / "in" / "m.csv", index=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    base = [sys.executable, "-m", "tailfuse"]
+    enc = ["encode", "--data", str(tmp_path / "in" / "m.csv"), "--vae", str(tmp_path / "vae"), "--image-size", "64",
+           "--tail-labels", "t", "--quiet"]
+    train = ["train", "--generations", "2", "--epochs", "2", "--imitation-epochs", "1", "--k", "8", "--dim", "4",
+             "--tau", "0.3", "--batch-size", "16", "--quiet"]
+    for run, extra in (("one", []), ("two", ["--processes", "2"])):
+        subprocess.run([*base, *enc, "--run", str(tmp_path / run)], env=env, check=True, capture_output=True)
+        r = subprocess.run([*base, *extra, *train, "--ddp", "--run", str(tmp_path / run)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / r / "train" / "metrics.jsonl").read_text().splitlines()[-1]) for r in ("one", "two"))
+    assert two["generation"] == one["generation"] == 1
+    for k in ("recon_rel_l1", "recon_rel_l1_hard", "sparsity"):
+        assert abs(one[k] - two[k]) < 0.05 * abs(one[k]), (k, one[k], two[k])
+    assert RunStore(tmp_path / "two").stage("train")["status"] == "done"

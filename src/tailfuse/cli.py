@@ -55,6 +55,8 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     n = g.add_mutually_exclusive_group()
     n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
     n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
+    n.add_argument("--sampling-strategy", help="the budget as imbalanced-learn's sampling_strategy: auto (each tail label up to the median head-label count, at most --max-ratio x its own), a ratio of the median head-label count, or a mapping '{BCC: 150, DF: 100}' of target counts")
+    g.add_argument("--max-ratio", type=float, help="auto / ratio budgets: a tail label grows to at most this multiple of its real count (default 5)")
     g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data: tail + head sample's labels (union, default), the head's only when at least half of its salient region was kept (kept), or the tail sample's only (tail)")
     g.add_argument("--code", choices=["hard", "soft"], help="splice one-hot symbols (hard, default) or code probabilities")
     g.add_argument("--detail", choices=["none", "residual"], help="add back what the code does not carry (z - D(code)) from each position's source (default residual)")
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--device", help="cpu (default)")
     g.add_argument("--name", help="model folder in the run (default train, or train-no-imitation)")
+    g.add_argument("--ddp", action="store_true", default=None, help="with --processes N: data-parallel training over the processes (else the main process trains alone)")
     g.add_argument("--force", action="store_true", help="discard an earlier model of this name and train again")
 
     p = sub.add_parser("fuse", help="saliency, neighbours and fusion: synthetic tail latents (resumable)")
@@ -412,9 +415,9 @@ def _relaunch(argv: list[str], n: int) -> int:
             skip = True
         elif not a.startswith("--processes="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "tailfuse",
-           *rest]
-    env = dict(os.environ)
+    # the command line travels in the environment: torchrun would read options such as --run as its own
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "tailfuse"]
+    env = dict(os.environ, TAILFUSE_ARGV=json.dumps(rest))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     return subprocess.call(cmd, env=env)
 
@@ -422,6 +425,8 @@ def _relaunch(argv: list[str], n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .dist import world_size_from_env
 
+    if argv is None and not sys.argv[1:] and os.environ.get("TAILFUSE_ARGV") and world_size_from_env() > 1:
+        argv = json.loads(os.environ["TAILFUSE_ARGV"])  # a process of `--processes N`
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -88,6 +88,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     name: str | None = None  # model folder in the run; default "train" or "train-no-imitation"
+    # with several processes: data-parallel training (gradients averaged every step; equal to one process up to the
+    # order of floating-point sums). Without it the main process trains alone and the output is bit-identical.
+    ddp: bool = False
 
     @property
     def model_name(self) -> str:

@@ -192,7 +192,8 @@ def run_encode(
                 save_tensors_atomic(
                     path,
                     {"latents": torch.cat(lats).float(), "sample_id": torch.tensor(ids, dtype=torch.int64)},
-                    metadata={"stage": STAGE, "config_hash": config_hash},
+                    # one key: safetensors writes a metadata map in an order that differs between processes
+                    metadata={"tailfuse": f"stage={STAGE};config_hash={config_hash}"},
                 )
                 entry.update(file=fname, sha256=_file_digest(path))
             st.finish_shard(key, entry)

@@ -41,31 +41,39 @@ class Stage:
     @classmethod
     def open(cls, store: RunStore, name: str, config_hash: str, *, what: str, wipe: list[Path] = (),
              force: bool = False, inputs: dict | None = None, extra: dict | None = None, dist: Dist | None = None) -> "Stage":
-        """Start, resume or skip the stage ``name`` (see the module docstring)."""
+        """Start, resume or skip the stage ``name`` (see the module docstring). With several processes the main one
+        decides and writes; the others follow its decision (a collective call: every process must make it)."""
         dist = dist or current()
+        error = None
+        if dist.is_main:
+            try:
+                cls._prepare(store, name, config_hash, what, wipe, force, inputs, extra)
+            except StageMismatch as e:
+                error = str(e)
+        error = dist.broadcast(error)  # also the point after which every process sees the main one's writes
+        if error:
+            raise StageMismatch(error)
+        return cls(store, name, store.stage(name), dist)
+
+    @classmethod
+    def _prepare(cls, store, name, config_hash, what, wipe, force, inputs, extra) -> None:
         rec = store.stage(name)
         if rec is not None and (force or rec.get("config_hash") != config_hash):
             if not force:
                 raise StageMismatch(f"run folder {store.root} holds {what} made with other settings or inputs. Pass "
                                     "--force to discard it and redo it, or choose another --name.")
-            if dist.is_main:
-                log.info(f"--force: discarding the earlier {what}")
-                for p in list(wipe) + [cls.marker_dir(store, name)]:
-                    if p.is_dir():
-                        shutil.rmtree(p, ignore_errors=True)
-                    elif p.exists():
-                        p.unlink()
-                store.stage_path(name).unlink(missing_ok=True)
-            dist.barrier()
+            log.info(f"--force: discarding the earlier {what}")
+            for p in list(wipe) + [cls.marker_dir(store, name)]:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.exists():
+                    p.unlink()
+            store.stage_path(name).unlink(missing_ok=True)
             rec = None
         if rec is None:
-            rec = {"stage": name, "status": "running", "config_hash": config_hash, "inputs": inputs or {},
-                   "started_at": now(), **(extra or {})}
-            if dist.is_main:
-                shutil.rmtree(cls.marker_dir(store, name), ignore_errors=True)  # markers of no record: stale
-                store.write_stage(name, rec)
-            dist.barrier()
-        return cls(store, name, rec, dist)
+            shutil.rmtree(cls.marker_dir(store, name), ignore_errors=True)  # markers without a record: stale
+            store.write_stage(name, {"stage": name, "status": "running", "config_hash": config_hash,
+                                     "inputs": inputs or {}, "started_at": now(), **(extra or {})})
 
     # --- state
     @property

@@ -220,10 +220,24 @@ class RunStore:
         write_json_atomic(self.stage_path(stage), record)
 
     def stages(self) -> dict[str, dict]:
+        """Every stage record of the run (nested names such as ``fuse-eval/tailfuse`` included), in pipeline order."""
         d = self.root / "stages"
         if not d.is_dir():
             return {}
-        return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+        found = {}
+        for p in d.rglob("*.json"):
+            rel = p.relative_to(d)
+            if any(part.endswith(".shards") for part in rel.parts[:-1]):
+                continue  # per-shard done-markers
+            found[str(rel.with_suffix(""))] = json.loads(p.read_text())
+        order = ("encode", "train", "saliency", "prior", "fuse", "refine", "sample", "smote", "decode")
+
+        def key(name: str):
+            head = name.split("/")[0]
+            rank = next((i for i, o in enumerate(order) if head == o or head.startswith(o + "-")), len(order))
+            return (rank, name)
+
+        return {k: found[k] for k in sorted(found, key=key)}
 
     # --- run.yaml
     def write_config(self, section: str, values: dict) -> None:

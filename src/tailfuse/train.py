@@ -85,7 +85,7 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
     labels_info = store.labels()
     labels = labels_info["labels"]
     enc = store.stage("encode")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "name")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "name", "ddp")}
     config_hash = stable_hash({"train": settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
     st = Stage.open(store, name, config_hash, dist=current(cfg.device), what=f"a model '{name}' (trained with other settings or on another encode)",
                     wipe=[folder], force=force, inputs={"encode": enc["config_hash"]},
@@ -94,9 +94,13 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
     if st.done:
         log.info(f"train already done for '{name}' ({rec['generations_done'][-1] + 1} generations); skipping (use --force to redo).")
         return rec
-    if not st.dist.is_main:  # several processes: the main process trains, the others wait for its model
+    ddp = cfg.ddp and st.dist.world > 1
+    main = st.dist.is_main
+    if not main and not ddp:  # several processes: the main process trains, the others wait for its model
         st.finish(with_shards=False)
         return store.stage(name)
+    if ddp:
+        log.info(f"train: data-parallel over {st.dist.world} processes (gradients averaged every step)")
 
     _, z_tr, y_tr = split_data(store, "train")
     _, z_va, y_va = split_data(store, "val")
@@ -110,14 +114,15 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
     device = torch.device(cfg.device)
     if device.type != "cpu":
         log.info("note: training runs on the CPU in this version; --device applies to later stages")
-    folder.mkdir(parents=True, exist_ok=True)
-    store.write_config(name, asdict(cfg))
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        store.write_config(name, asdict(cfg))
     phases = cfg.phases()
     state_path = folder / "state.pt"
     det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        learner = IteratedLearner(cfg, z_tr, y_tr, labels_info["multi_label"])
+        learner = IteratedLearner(cfg, z_tr, y_tr, labels_info["multi_label"], dist=st.dist if ddp else None)
         pos = {"phase": 0, "epoch": 0, "history": [], "pending": {}, "epochs": []}
         if not state_path.is_file() and "init" not in rec:
             # the untrained model (k-means codebook, codebook decode): what training adds is measured against it
@@ -132,8 +137,9 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
             log.info(f"resuming '{name}' at phase {pos['phase'] + 1}/{len(phases)}, epoch {pos['epoch']}")
         total_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases)
         done_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases[: pos["phase"]]) + pos["epoch"]
-        bar = tqdm(total=total_epochs, initial=done_epochs, desc=f"train {name}", unit="epoch", disable=not progress, file=sys.stderr)
-        tb = _tensorboard(folder / "tb", purge_step=len(pos["history"]))
+        bar = tqdm(total=total_epochs, initial=done_epochs, desc=f"train {name}", unit="epoch",
+                   disable=not progress or not main, file=sys.stderr)
+        tb = _tensorboard(folder / "tb", purge_step=len(pos["history"])) if main else None
         t0 = time.time()
         try:
             while pos["phase"] < len(phases):
@@ -147,7 +153,8 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
                     bar.set_postfix({k: round(v, 4) for k, v in stats.items() if isinstance(v, float)})
                     bar.update(1)
                     pos["epochs"].append(_jsonable({"phase": phase, "generation": gen, "epoch": ep, **stats}))
-                    write_text_atomic(folder / "epochs.jsonl", "".join(json.dumps(r) + "\n" for r in pos["epochs"]))
+                    if main:
+                        write_text_atomic(folder / "epochs.jsonl", "".join(json.dumps(r) + "\n" for r in pos["epochs"]))
                     pos["epoch"] = ep + 1
                     if phase == "imitation" and last:
                         pos["pending"] = {
@@ -159,17 +166,20 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
                         learner.end_phase(phase)
                         if phase == "interaction":
                             row = _generation_metrics(learner, gen, z_tr, y_tr, z_va, y_va, labels, pos["pending"], stats)
-                            save_model(learner.model, folder / f"gen-{gen:02d}", {"train": asdict(cfg), "labels": labels, "generation": gen})
+                            if main:
+                                save_model(learner.model, folder / f"gen-{gen:02d}", {"train": asdict(cfg), "labels": labels, "generation": gen})
                             pos["history"].append(row)
                             pos["pending"] = {}
-                            _write_metrics(folder, pos["history"], tb)
+                            if main:
+                                _write_metrics(folder, pos["history"], tb)
                             rec["generations_done"] = [r["generation"] for r in pos["history"]]
                             rec["last"] = _summary(row)
                         pos["phase"] += 1
                         pos["epoch"] = 0
                     rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
                     t0 = time.time()
-                    _torch_save_atomic({"pos": pos, "learner": learner.state()}, state_path)
+                    if main:
+                        _torch_save_atomic({"pos": pos, "learner": learner.state()}, state_path)
                     st.update()
                     if last:
                         break
@@ -188,11 +198,13 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
         codec = VAECodec.load(vae_name, device=cfg.device if cfg.device else "cpu")
         final["psnr_val"] = decoded_psnr(learner.model.eval(), codec, z_va)
         rec["last"]["psnr_val"] = final["psnr_val"]
-        _write_metrics(folder, pos["history"], None)
+        if main:
+            _write_metrics(folder, pos["history"], None)
     except TailfuseError as e:
         log.info(f"note: VAE '{vae_name}' not loadable now ({e}); decoded PSNR not measured")
     rec = st.finish(with_shards=False)
-    state_path.unlink(missing_ok=True)
+    if main:
+        state_path.unlink(missing_ok=True)
     log.info(_format_row(final))
     return rec
 

@@ -106,10 +106,18 @@ def class_weights(y: torch.Tensor, cap: float = 50.0) -> torch.Tensor:
 
 
 class IteratedLearner:
-    """Holds the model, data and generator; runs phases epoch by epoch (the caller checkpoints between epochs)."""
+    """Holds the model, data and generator; runs phases epoch by epoch (the caller checkpoints between epochs).
 
-    def __init__(self, cfg: TrainConfig, z_train: torch.Tensor, y_train: torch.Tensor, multi_label: bool):
+    Data-parallel training (``dist`` with several processes, ``tailfuse train --ddp``): every process holds the
+    same model and draws the same random numbers (one seeded generator, the same batches and augmentations), computes
+    the loss on its own slice of each batch (rows rank, rank + N, ...), and the gradients are averaged over the
+    processes (all-reduce, weighted by slice size) before every optimiser step, so the processes stay identical; so
+    do the dead-code restarts (usage and candidate features gathered from all). The result equals single-process
+    training up to the order of floating-point sums."""
+
+    def __init__(self, cfg: TrainConfig, z_train: torch.Tensor, y_train: torch.Tensor, multi_label: bool, dist=None):
         self.cfg = cfg
+        self.dist = dist
         self.z, self.y = z_train, y_train
         self.multi_label = multi_label
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -198,12 +206,56 @@ class IteratedLearner:
                 z = dihedral(z, self.gen)
             yield z, self.y[bi]
 
+    # --- data-parallel helpers (no-ops in one process)
+    @property
+    def _ddp(self) -> bool:
+        return self.dist is not None and self.dist.world > 1
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a batch (rows rank, rank + N, ...)."""
+        return t[self.dist.rank :: self.dist.world] if self._ddp else t
+
+    def _sync_grads(self, params, n_mine: int, n_batch: int) -> None:
+        """Gradients of the whole batch: each process's mean-loss gradient weighted by its share, summed."""
+        if not self._ddp:
+            return
+        import torch.distributed as td
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.mul_(n_mine / n_batch)
+            td.all_reduce(p.grad)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self._ddp:
+            import torch.distributed as td
+
+            td.all_reduce(t)
+        return t
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if not self._ddp:
+            return t
+        import torch.distributed as td
+
+        out = [torch.zeros_like(t) for _ in range(self.dist.world)]
+        td.all_gather(out, t)
+        return torch.cat(out)
+
     def interaction_epoch(self, last: bool) -> dict:
         cfg, m = self.cfg, self.model
         m.train()
         usage = torch.zeros(cfg.k)
         feats, logs = [], []
-        for z, y in self._batches():
+        params = [p for grp in self.opt.param_groups for p in grp["params"]]
+        for z_all, y_all in self._batches():
+            # the random draws of the whole batch, on every process alike; then this process's slice
+            n_all = len(z_all)
+            n_mix = max(2, int(round(cfg.mix_frac * n_all))) if cfg.lambda_mix > 0 and n_all > 1 else 0
+            mk_all = region_masks(n_mix, z_all.shape[2], z_all.shape[3], self.gen) if n_mix else None
+            pick = torch.randint(z_all.shape[2] * z_all.shape[3] * n_all, (64,), generator=self.gen)
+            z, y = self._mine(z_all), self._mine(y_all)
             zs = m.standardise(z)
             logits, g = m.E(zs, m.tau)
             p = logits.softmax(1)
@@ -218,10 +270,10 @@ class IteratedLearner:
             cbl = ((g.detach() - cq) ** 2).sum(1).mean()
             cls = self.cls_loss(m.C(p), y)
             loss = cfg.lambda_rec * rec + cfg.lambda_cls * cls + cfg.beta * commit + cfg.lambda_codebook * cbl
-            if cfg.lambda_mix > 0 and len(z) > 1:
-                n = max(2, int(round(cfg.mix_frac * len(z))))
+            if n_mix and len(z) > 1:
+                n = min(n_mix, len(z)) if self._ddp else n_mix
                 j = torch.roll(torch.arange(n), 1)
-                mk = region_masks(n, z.shape[2], z.shape[3], self.gen)
+                mk = mk_all[:n]
                 half = n // 2  # half the spliced codes are soft, half hard
                 code = torch.cat([p[:half].detach(), hard[half:n]])
                 mixed = mk * code + (1 - mk) * code[j]
@@ -229,19 +281,21 @@ class IteratedLearner:
                 loss = loss + cfg.lambda_mix * (m.decode(mixed) - target).abs().mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            self._sync_grads(params, len(z), n_all)
             self.opt.step()
             self.sched.step()
             with torch.no_grad():
                 usage += torch.bincount(idx.flatten(), minlength=cfg.k).float()
-                feats.append(positions(g.detach())[torch.randint(idx.numel(), (64,), generator=self.gen)])
+                feats.append(positions(g.detach())[pick % idx.numel()])
             logs.append([loss.item(), rec_s.item(), rec_h.item(), cls.item()])
+        usage = self._sum(usage)
         dead = (usage == 0).nonzero().flatten()
         self.last_dead = len(dead)
         if cfg.restart_dead and len(dead) and not last:
-            pool = torch.cat(feats)
+            pool = self._gather(torch.cat(feats))
             with torch.no_grad():
                 m.E.codebook[dead] = pool[torch.randint(pool.shape[0], (len(dead),), generator=self.gen)]
-        a = np.mean(logs, 0)
+        a = self._sum(torch.tensor(np.mean(logs, 0))) / (self.dist.world if self._ddp else 1)
         return {"loss": float(a[0]), "rec_soft": float(a[1]), "rec_hard": float(a[2]), "cls": float(a[3]), "dead_codes": self.last_dead}
 
     def imitation_epoch(self, last: bool) -> dict:
@@ -249,18 +303,23 @@ class IteratedLearner:
         teacher = m.E.eval()
         self.student.train()
         losses = []
-        for z, _ in self._batches():
-            zs = m.standardise(z)
-            with torch.no_grad():
-                target = imitation_targets(teacher(zs, m.tau)[0].softmax(1), cfg.imitation_targets, self.gen)
+        params = list(self.student.parameters())
+        for z_all, _ in self._batches():
+            zs_all = m.standardise(z_all)
+            with torch.no_grad():  # targets of the whole batch (the same draws on every process), then the slice
+                target = imitation_targets(teacher(zs_all, m.tau)[0].softmax(1), cfg.imitation_targets, self.gen)
+                target = target.view(len(z_all), -1)
+            zs, target = self._mine(zs_all), self._mine(target).reshape(-1)
             sl, _ = self.student(zs, m.tau)
             loss = F.cross_entropy(positions(sl), target)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            self._sync_grads(params, len(zs), len(zs_all))
             self.opt.step()
             self.sched.step()
             losses.append(loss.item())
-        return {"imitation_loss": float(np.mean(losses))}
+        mean = self._sum(torch.tensor(float(np.mean(losses)))) / (self.dist.world if self._ddp else 1)
+        return {"imitation_loss": float(mean)}
 
     @torch.no_grad()
     def agreement(self, z: torch.Tensor) -> float:
