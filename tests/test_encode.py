@@ -128,11 +128,13 @@ def test_rerun_skips_done_stage_and_refuses_other_settings(tmp_path, tiny_vae):
 
 
 def test_cli_prints_clear_errors(tmp_path, capsys, tiny_vae):
-    bad = tmp_path / "bad.csv"
+    bad = tmp_path / "in" / "bad.csv"
+    bad.parent.mkdir()
     bad.write_text("file,a\nx.png,1\n")
     rc = main(["encode", "--data", str(bad), "--vae", tiny_vae, "--run", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "no path column 'path'" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # an early failure leaves no run folder behind
     rc = main(["info", "--run", str(tmp_path / "nowhere")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 

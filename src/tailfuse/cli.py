@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -340,6 +342,26 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def validate_sections(sections: dict) -> None:
+    """Every stage's settings checked before any work starts (a bad --per-class fails in a second, not after
+    encoding and training)."""
+    from .data import validate as validate_data
+    from .decode import validate as validate_decode
+    from .fusion.stage import _validate as validate_fuse
+    from .train import validate as validate_train
+
+    checks = {"data": validate_data, "train": validate_train, "fuse": validate_fuse, "decode": validate_decode}
+    for name, cfg in sections.items():
+        if name in checks:
+            checks[name](cfg)
+        elif name == "refine" and cfg is not None:
+            cfg.steps()
+        elif name == "prior" and cfg is not None:
+            from .diffusion.train_prior import validate as validate_prior
+
+            validate_prior(cfg)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_all
 
@@ -348,6 +370,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     sections = {s: resolve(s, doc, vals) for s in ("data", "vae", "encode", "train", "fuse", "decode")}
     refine = resolve("refine", doc, {k: v for k, v in vals.items() if k in ("refine", "guidance", "device")}) \
         if vals.get("refine") else None
+    validate_sections({**sections, "refine": refine})
     out = run_all(args.run, **sections, refine=refine, progress=not args.quiet)
     name = out["set"]
     print(f"\ndone: images in {Path(args.run) / name / 'images'}; manifest and provenance beside them.")
@@ -446,17 +469,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _relaunch(argv, n)
     signal.signal(signal.SIGTERM, _sigterm)
-    handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
-                "train-prior": cmd_train_prior, "refine": cmd_refine, "sample": cmd_sample,
-                "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
+    run = getattr(args, "run", None)
+    created = run is not None and not Path(run).exists()
     try:
-        return handlers[args.command](args)
+        with _lock(args):
+            return _dispatch(args)
     except TailfuseError as e:
         print(f"tailfuse {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` etc.
         sys.stderr.close()
         return 0
+    except OSError as e:
+        print(_os_error(args.command, e), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             f"\ntailfuse {args.command}: interrupted. Finished work is kept in the run folder; rerun the same command "
@@ -464,3 +490,41 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        if created and Path(run).is_dir() and not (Path(run) / "stages").exists():
+            shutil.rmtree(run, ignore_errors=True)  # an early failure leaves no empty run folder behind
+
+
+WRITING_COMMANDS = ("encode", "train", "fuse", "decode", "run", "train-prior", "refine", "sample", "evaluate", "demo")
+
+
+def _lock(args):
+    """One writer per run folder (store.RunLock); the processes of `--processes N` share their launcher's lock."""
+    from contextlib import nullcontext
+
+    from .dist import world_size_from_env
+    from .store import RunLock, RunStore
+
+    if args.command not in WRITING_COMMANDS or world_size_from_env() > 1:
+        return nullcontext()
+    if getattr(args, "data", None):
+        RunStore(args.run).check_outside([args.data])  # before anything is written
+    return RunLock(Path(args.run), "tailfuse " + " ".join(sys.argv[1:] if sys.argv[1:] else [args.command]))
+
+
+def _os_error(command: str, e: OSError) -> str:
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"tailfuse {command}: error: cannot write{where}: permission denied. The run folder must be writable "
+                "by you; choose another --run, or ask its owner.")
+    if e.errno == errno.ENOSPC:
+        return (f"tailfuse {command}: error: no space left on the device while writing{where}. Free some space and "
+                "rerun the same command: finished work is kept and the stage resumes.")
+    return f"tailfuse {command}: error: {e.strerror or e}{where}."
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
+                "train-prior": cmd_train_prior, "refine": cmd_refine, "sample": cmd_sample,
+                "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
+    return handlers[args.command](args)

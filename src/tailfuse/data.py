@@ -122,9 +122,23 @@ def load_folder(root: Path, cfg: DataConfig) -> Dataset:
     return Dataset(table, labels, False, "folder", str(root), [], "path", notes)
 
 
+def _delimiter(csv: Path) -> str:
+    """Comma, or the semicolon / tab of a header that holds no comma (spreadsheets in many locales write those)."""
+    try:
+        with open(csv, encoding="utf-8-sig", errors="replace") as f:
+            head = f.readline()
+    except OSError:
+        return ","
+    if "," not in head:
+        for sep in (";", "\t"):
+            if sep in head:
+                return sep
+    return ","
+
+
 def load_manifest(csv: Path, cfg: DataConfig) -> Dataset:
     try:
-        raw = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+        raw = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True, sep=_delimiter(csv))
     except pd.errors.EmptyDataError:
         raise TailfuseError(f"manifest {csv} is empty: it needs a header row and one row per image.") from None
     except (UnicodeDecodeError, pd.errors.ParserError) as e:
@@ -342,6 +356,19 @@ def _assign_splits(ds: Dataset, cfg: DataConfig) -> None:
         raise TailfuseError("the data has no training images (split 'train').")
 
 
+def validate(cfg: DataConfig) -> None:
+    """Checks of the data settings that need no data (run before any work starts)."""
+    from .images import RESIZE_POLICIES
+
+    if cfg.image_size < 8 or cfg.image_size % 8:
+        raise TailfuseError(f"--image-size {cfg.image_size}: give a positive multiple of 8 (the VAE's downsampling "
+                            "factor), e.g. 128 or 256.")
+    if cfg.resize not in RESIZE_POLICIES:
+        raise TailfuseError(f"resize policy '{cfg.resize}' unknown; choose from {', '.join(RESIZE_POLICIES)}.")
+    if not 0 < cfg.head_share <= 1:
+        raise TailfuseError(f"--head-share {cfg.head_share} must be in (0, 1].")
+
+
 def partition(ds: Dataset, cfg: DataConfig) -> tuple[list[str], list[str]]:
     """Return (head_labels, tail_labels) by the documented rule, or as given by ``tail_labels``."""
     train = ds.table[ds.table["split"] == "train"]
@@ -369,7 +396,10 @@ def partition(ds: Dataset, cfg: DataConfig) -> tuple[list[str], list[str]]:
         tail = [lab for lab in ds.labels if lab not in head]
     head = [lab for lab in ds.labels if lab not in tail]
     if not head:
-        raise TailfuseError("every label is a tail label: at least one head label is needed (fix --tail-labels).")
+        if cfg.tail_labels:
+            raise TailfuseError("every label is a tail label: at least one head label is needed (fix --tail-labels).")
+        raise TailfuseError(f"the data has a single label ({', '.join(ds.labels)}): tailfuse needs at least two, a "
+                            "frequent (head) one to take context from and a rare (tail) one to make samples of.")
     no_train = [lab for lab in tail if counts[lab] == 0]
     if no_train:
         ds.notes.append(f"tail label(s) {', '.join(no_train)} have no training image: nothing can be made for them")

@@ -93,14 +93,18 @@ def select_samples(table: pd.DataFrame, scores: dict[str, np.ndarray], drop_near
     return keep
 
 
-def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool = True, codec: VAECodec | None = None) -> dict:
-    """Decode the latent set ``cfg.name`` (fused, refined or sampled) to PNGs, a manifest and provenance; returns the
-    stage record. ``codec``: a loaded VAE (default: ``cfg.vae`` or the run's own). Work is split into shards of
-    ``cfg.shard_size`` images, shared between processes; a killed decode redoes at most one shard per process."""
+def validate(cfg: DecodeConfig) -> None:
     if not 0 <= cfg.near_copy_quantile < 1:
         raise TailfuseError(f"--near-copy-quantile {cfg.near_copy_quantile} must be in [0, 1).")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise TailfuseError("decode batch and shard sizes must be at least 1.")
+
+
+def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool = True, codec: VAECodec | None = None) -> dict:
+    """Decode the latent set ``cfg.name`` (fused, refined or sampled) to PNGs, a manifest and provenance; returns the
+    stage record. ``codec``: a loaded VAE (default: ``cfg.vae`` or the run's own). Work is split into shards of
+    ``cfg.shard_size`` images, shared between processes; a killed decode redoes at most one shard per process."""
+    validate(cfg)
     store = RunStore(run)
     lset = LatentSet.open(store, cfg.name)
     shards = lset.shards
@@ -129,7 +133,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
                     inputs={f"{lset.kind}-{cfg.name}": lset.record["config_hash"]},
                     extra={"vae": codec.identity(), "settings": settings})
     if st.done:
-        log.info(f"decode already done for '{cfg.name}' ({st.record['n_images']} images); skipping (use --force to redo).")
+        log.info(f"decode already done for '{cfg.name}' ({st.record['n_images']} images); skipping (`{st.redo}` redoes it).")
         return st.record
     if dist.is_main:
         store.write_config(stage, asdict(cfg))

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from .codec import VAECodec
 from .config import DataConfig, EncodeConfig, VAEConfig, stable_hash
 from .data import Dataset, histogram, load_dataset, partition
+from .data import validate as validate_data
 from .errors import TailfuseError
-from .images import RESIZE_POLICIES, BadImage, load_image
+from .images import BadImage, load_image, path_problem
 from .dist import current
 from .stage import Stage
 from .store import RunStore, ShardSet, StageMismatch, save_tensors_atomic, write_csv_atomic, write_json_atomic
@@ -55,8 +56,9 @@ def _prescan(ds: Dataset, strict: bool) -> None:
     """Cheap checks before any encoding: missing and zero-byte files."""
     missing, empty = [], []
     for line, p in zip(ds.table["line"], ds.table["abs_path"]):
-        if not os.path.exists(p):
-            missing.append((line, p))
+        problem = path_problem(p)
+        if problem is not None:
+            missing.append((line, p, problem))
         elif os.path.isfile(p) and os.path.getsize(p) == 0:
             empty.append((line, p))
     n = len(ds.table)
@@ -64,10 +66,11 @@ def _prescan(ds: Dataset, strict: bool) -> None:
     if missing and len(missing) == n:
         base = os.path.dirname(ds.source_path) if ds.source == "csv" else ds.source_path
         raise TailfuseError(
-            f"none of the {n} image paths exist (first: {missing[0][1]}). Relative paths are resolved against "
+            f"none of the {n} image paths can be opened (first: {missing[0][1]}: {missing[0][2]}). Relative paths are "
+            "resolved against "
             f"{base}; check the path column or move the CSV next to the images."
         )
-    bad = [(ln, p, "file not found") for ln, p in missing] + [(ln, p, "zero-byte file") for ln, p in empty]
+    bad = missing + [(ln, p, "zero-byte file") for ln, p in empty]
     if bad and strict:
         shown = "; ".join(f"{where} {ln}: {p} ({r})" for ln, p, r in bad[:5])
         raise TailfuseError(
@@ -87,8 +90,7 @@ def run_encode(
 ) -> dict:
     """Encode the dataset into ``run``; returns the stage record. Resumes an interrupted encode. ``codec``: a
     loaded VAE (default: ``vae_cfg.vae`` loaded here). Shards are shared between processes (see dist.py)."""
-    if data_cfg.resize not in RESIZE_POLICIES:
-        raise TailfuseError(f"resize policy '{data_cfg.resize}' unknown; choose from {', '.join(RESIZE_POLICIES)}.")
+    validate_data(data_cfg)
     if enc_cfg.batch_size < 1 or enc_cfg.shard_size < 1:
         raise TailfuseError("batch size and shard size must be at least 1.")
     dist = current(vae_cfg.device)
@@ -126,7 +128,7 @@ def run_encode(
         what = "settings (image size, resize, VAE, batch or shard size)" if rec.get("config_hash") != config_hash else "input data"
         raise StageMismatch(
             f"run folder {store.root} holds an encode made with other {what}. Use a new --run folder, "
-            "or pass --force to discard it and encode again."
+            f"or `tailfuse encode --run {store.root} --data {data_cfg.data} --force` discards it and encodes again."
         )
     n = len(ds.table)
     n_shards = (n + enc_cfg.shard_size - 1) // enc_cfg.shard_size
@@ -135,7 +137,7 @@ def run_encode(
                     extra={"inputs_hash": inputs_hash, "vae": codec.identity(), "n_samples": n, "n_shards": n_shards,
                            "shard_size": enc_cfg.shard_size})
     if st.done:
-        log.info(f"encode already done in {store.root} ({st.record['n_encoded']} latents); skipping (use --force to redo).")
+        log.info(f"encode already done in {store.root} ({st.record['n_encoded']} latents); skipping (`{st.redo}` redoes it).")
         return st.record
     if dist.is_main:
         store.write_config("data", asdict(data_cfg))
@@ -212,6 +214,25 @@ def run_encode(
     table = ds.table[~ds.table["sample_id"].isin(skipped_ids)].copy()
     if table.empty:
         raise TailfuseError("no image could be read; see skipped.csv in the run folder for the reasons.")
+    labels = list(ds.labels)
+    if skipped_ids:  # the kept images decide the class counts and the head/tail split, not the manifest's rows
+        kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+        empty = [lab for lab in labels if int(table[lab].sum()) == 0]
+        if empty and not data_cfg.drop_empty_labels:
+            raise TailfuseError(
+                f"label(s) {', '.join(empty)} have no readable image left: every image carrying them was skipped (see "
+                f"{store.skipped_csv}). Fix those images and rerun (with --force, as the input changed), or pass "
+                "--drop-empty-labels to leave the label out.")
+        if empty:
+            log.warning(f"note: label(s) {', '.join(empty)} dropped: every image carrying them was unreadable")
+            labels = [lab for lab in labels if lab not in empty]
+            kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+        head2, tail2 = partition(kept, data_cfg)
+        if (head2, tail2) != (head, tail):
+            log.warning(f"note: without the {len(skipped_ids)} unreadable image(s) the head labels are "
+                        f"{', '.join(head2)} and the tail labels {', '.join(tail2)}")
+        head, tail = head2, tail2
+        log.info("class counts of the images kept:\n" + histogram(kept.counts(), tail))
     if dist.is_main:
         _write_skipped(store, shards_done)
         shard_of = {sid: si for sid, (si, _) in shards.index.items()}
@@ -219,17 +240,17 @@ def run_encode(
         table["shard"] = table["sample_id"].map(shard_of).astype(np.int64)
         table["offset"] = table["sample_id"].map(offset_of).astype(np.int64)
         write_csv_atomic(store.samples_csv, table)
-        kept = Dataset(table, ds.labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+        kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
         counts = kept.counts()
         write_json_atomic(
             store.labels_json,
             {
-                "labels": ds.labels,
+                "labels": labels,
                 "head_labels": head,
                 "tail_labels": tail,
                 "tail_rule": "given" if data_cfg.tail_labels else f"auto: head covers >= {data_cfg.head_share} of train positives",
                 "multi_label": ds.multi_label,
-                "counts": {lab: {k: int(v) for k, v in counts.loc[lab].items()} for lab in ds.labels},
+                "counts": {lab: {k: int(v) for k, v in counts.loc[lab].items()} for lab in labels},
                 "source": ds.source,
                 "source_path": ds.source_path,
                 "path_column": ds.path_column,

@@ -78,10 +78,25 @@ def _resize(a: np.ndarray, size: int, policy: str) -> np.ndarray:
     return a
 
 
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be opened (a missing file, a symbolic-link loop, an over-long path, no permission), or
+    None."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        return {errno.ENOENT: "file not found", errno.ELOOP: "symbolic link loop",
+                errno.ENAMETOOLONG: "path too long for the file system", errno.EACCES: "permission denied",
+                errno.ENOTDIR: "a part of the path is not a folder"}.get(e.errno, f"cannot be opened ({e.strerror})")
+    return None
+
+
 def load_image(path: str, size: int, policy: str = "center-crop") -> torch.Tensor:
     """Read one image as a 3 x size x size float tensor in [0, 1]; raise BadImage with the cause."""
-    if not os.path.exists(path):
-        raise BadImage(path, "file not found")
+    problem = path_problem(path)
+    if problem is not None:
+        raise BadImage(path, problem)
     if os.path.isdir(path):
         raise BadImage(path, "is a folder, not an image file")
     if os.path.getsize(path) == 0:
@@ -108,7 +123,8 @@ def load_image(path: str, size: int, policy: str = "center-crop") -> torch.Tenso
 
 def save_png(image: torch.Tensor, path: str) -> None:
     """Write a 3 x H x W tensor in [0, 1] as an 8-bit RGB PNG (atomically)."""
+    from .store import atomic_file
+
     a = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(a).save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, ".png") as tmp:
+        Image.fromarray(a).save(tmp)

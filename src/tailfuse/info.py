@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import TailfuseError
-from .store import RunStore
+from .store import RunStore, lock_holder
 
 
 def run_info(run: str) -> dict:
@@ -12,8 +12,14 @@ def run_info(run: str) -> dict:
         raise TailfuseError(f"run folder {store.root} does not exist.")
     stages = store.stages()
     out: dict = {"run": str(store.root.resolve()), "stages": {}}
+    holder = lock_holder(store.root)
+    if holder:
+        out["in_use_by"] = holder
     for name, rec in stages.items():
-        s = {"status": rec.get("status")}
+        status = rec.get("status")
+        if status == "running" and holder is None:
+            status = "interrupted (resume by rerunning)"  # no live process holds the run folder
+        s = {"status": status}
         for k in ("n_encoded", "n_skipped", "seconds", "finished_at", "generation", "n_samples"):
             if k in rec:
                 s[k] = rec[k]

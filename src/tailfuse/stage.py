@@ -33,6 +33,22 @@ from .store import RunStore, StageMismatch, now, write_json_atomic
 log = logging.getLogger("tailfuse")
 
 
+def redo_command(store: RunStore, name: str) -> str:
+    """The command that redoes stage ``name`` of a run (for hints: `tailfuse run` itself has no --force)."""
+    kind, _, set_name = name.partition("-")
+    run = f"--run {store.root}"
+    if name == "encode":
+        return f"tailfuse encode {run} --data ... --force"
+    if name.startswith("train"):
+        extra = " --no-imitation" if name == "train-no-imitation" else (f" --name {name}" if name != "train" else "")
+        return f"tailfuse train {run}{extra} --force"
+    if kind in ("fuse", "decode", "refine", "sample"):
+        return f"tailfuse {kind} {run} --name {set_name} --force"
+    if kind == "saliency":
+        return f"tailfuse fuse {run} --force"
+    return f"tailfuse train-prior {run} --name {name} --force" if name.startswith("prior") else f"the {kind} command with --force"
+
+
 class Stage:
     def __init__(self, store: RunStore, name: str, record: dict, dist: Dist):
         self.store, self.name, self.record, self.dist = store, name, record, dist
@@ -60,8 +76,9 @@ class Stage:
         rec = store.stage(name)
         if rec is not None and (force or rec.get("config_hash") != config_hash):
             if not force:
-                raise StageMismatch(f"run folder {store.root} holds {what} made with other settings or inputs. Pass "
-                                    "--force to discard it and redo it, or choose another --name.")
+                raise StageMismatch(f"run folder {store.root} holds {what} made with other settings or inputs. "
+                                    f"`{redo_command(store, name)}` discards it and makes it again; or choose another "
+                                    "--name (or --run) to keep both.")
             log.info(f"--force: discarding the earlier {what}")
             for p in list(wipe) + [cls.marker_dir(store, name)]:
                 if p.is_dir():
@@ -79,6 +96,10 @@ class Stage:
     @property
     def done(self) -> bool:
         return self.record.get("status") == "done"
+
+    @property
+    def redo(self) -> str:
+        return redo_command(self.store, self.name)
 
     @staticmethod
     def marker_dir(store: RunStore, name: str) -> Path:

@@ -23,6 +23,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,54 @@ from safetensors.torch import save_file
 from .errors import TailfuseError
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() gives a new file: every written file follows the umask
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temporary file the umask's mode (writers such as safetensors create 0600 files) and move it
+    into place atomically."""
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_file(path: Path, suffix: str = ""):
+    """Write ``path`` atomically: yields a temporary name in the same folder (ending in ``suffix``, for writers that
+    choose the format by the extension); on success the file gets the umask's mode and replaces ``path``; on any
+    failure (a full disk, an interrupt) the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        _publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def torch_save_atomic(obj, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def npz_save_atomic(path: Path, **arrays) -> None:
+    with atomic_file(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -63,10 +100,8 @@ def write_csv_atomic(path: Path, df: pd.DataFrame) -> None:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def now() -> str:
@@ -186,8 +221,8 @@ class RunStore:
         return self.root / "stages" / f"{stage}.json"
 
     # --- checks
-    def create(self, input_paths: list[str] | None = None) -> None:
-        """Make the run folder; refuse one inside the input folder (the input is never written to)."""
+    def check_outside(self, input_paths: list[str] | None) -> None:
+        """Refuse a run folder inside the input folder (the input is never written to)."""
         root = self.root.resolve()
         for ip in input_paths or []:
             inp = Path(ip).resolve()
@@ -199,7 +234,11 @@ class RunStore:
                 )
         if root.exists() and not root.is_dir():
             raise TailfuseError(f"run path {root} exists and is not a folder.")
-        root.mkdir(parents=True, exist_ok=True)
+
+    def create(self, input_paths: list[str] | None = None) -> None:
+        """Make the run folder; refuse one inside the input folder (the input is never written to)."""
+        self.check_outside(input_paths)
+        self.root.resolve().mkdir(parents=True, exist_ok=True)
 
     def require(self, *stages: str) -> None:
         if not self.root.is_dir():
@@ -275,6 +314,72 @@ class RunStore:
             raise TailfuseError(f"run folder {self.root}: encode has not finished; run `tailfuse encode` first.")
         files = [rec["shards"][k]["file"] for k in sorted(rec["shards"], key=int) if rec["shards"][k]["file"]]
         return ShardSet(self.data_root, files)
+
+
+LOCK_NAME = ".tailfuse.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def lock_holder(root: Path) -> dict | None:
+    """The live process holding the run folder's lock, or None (no lock, or a stale one of a dead process)."""
+    import socket
+
+    p = Path(root) / LOCK_NAME
+    try:
+        info = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
+        return None
+    return info
+
+
+class RunLock:
+    """One writer per run folder: ``<run>/.tailfuse.lock`` holds the writer's pid, host, command and start time. A
+    second writer is refused with a message naming the holder; a lock left by a killed process (its pid no longer
+    alive on this host) is taken over, so a resume is never blocked."""
+
+    def __init__(self, root: Path, command: str):
+        self.path = Path(root) / LOCK_NAME
+        self.command = command
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "since": now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+            except FileExistsError:
+                holder = lock_holder(self.path.parent)
+                if holder is not None:
+                    raise TailfuseError(
+                        f"run folder {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                        f"(`{holder.get('command')}`, since {holder.get('since')}). Wait for it to finish; if that "
+                        f"process is gone, delete {self.path}.") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is dead
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.held = True
+            return self
+        raise TailfuseError(f"could not take the lock {self.path}; another process took it at the same moment.")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 class StageMismatch(TailfuseError):

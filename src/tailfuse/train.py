@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -21,7 +20,7 @@ from .sparse.metrics import code_metrics
 from .sparse.nets import SparseModel
 from .dist import current
 from .stage import Stage
-from .store import RunStore, now, write_text_atomic
+from .store import RunStore, now, torch_save_atomic, write_text_atomic
 
 log = logging.getLogger("tailfuse")
 
@@ -35,12 +34,6 @@ def split_data(store: RunStore, split: str) -> tuple[np.ndarray, torch.Tensor, t
     z = store.latents().get(ids) if len(ids) else torch.empty(0)
     y = torch.from_numpy(sub[labels].to_numpy(dtype=np.int64))
     return ids, z, y
-
-
-def _torch_save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _jsonable(d: dict) -> dict:
@@ -71,15 +64,21 @@ def decoded_psnr(model: SparseModel, codec, z: torch.Tensor, batch: int = 64) ->
     return {k: float(torch.cat(v).mean()) for k, v in out.items()}
 
 
-def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = True) -> dict:
-    store = RunStore(run)
-    store.require("encode")
+def validate(cfg: TrainConfig) -> None:
     if cfg.imitation_targets not in ("sample", "argmax"):
         raise TailfuseError(f"imitation targets '{cfg.imitation_targets}' unknown; use sample or argmax.")
     if cfg.generations < 1 or cfg.epochs < 1 or (cfg.generations > 1 and not cfg.no_imitation and cfg.imitation_epochs < 1):
         raise TailfuseError("generations and epochs must be at least 1.")
     if cfg.dim < 1 or cfg.k < 2 or cfg.tau <= 0 or (cfg.tau_start is not None and cfg.tau_start <= 0):
         raise TailfuseError("k must be >= 2, dim >= the latent channels, tau and tau_start > 0.")
+    if cfg.batch_size < 2 or cfg.lr <= 0:
+        raise TailfuseError("--batch-size must be >= 2 and --lr > 0.")
+
+
+def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = True) -> dict:
+    validate(cfg)
+    store = RunStore(run)
+    store.require("encode")
     name = cfg.model_name
     folder = store.root / name
     labels_info = store.labels()
@@ -92,7 +91,7 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
                     extra={"seconds": 0.0, "generations_done": [], "phases": [f"{p}:{g}" for p, g in cfg.phases()]})
     rec = st.record
     if st.done:
-        log.info(f"train already done for '{name}' ({rec['generations_done'][-1] + 1} generations); skipping (use --force to redo).")
+        log.info(f"train already done for '{name}' ({rec['generations_done'][-1] + 1} generations); skipping (`{st.redo}` redoes it).")
         return rec
     ddp = cfg.ddp and st.dist.world > 1
     main = st.dist.is_main
@@ -179,7 +178,7 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
                     rec["seconds"] = round(rec["seconds"] + time.time() - t0, 2)
                     t0 = time.time()
                     if main:
-                        _torch_save_atomic({"pos": pos, "learner": learner.state()}, state_path)
+                        torch_save_atomic({"pos": pos, "learner": learner.state()}, state_path)
                     st.update()
                     if last:
                         break

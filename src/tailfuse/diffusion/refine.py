@@ -93,7 +93,7 @@ def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool 
                     wipe=[out], inputs={f"{src.kind}-{cfg.source}": src.record["config_hash"]},
                     extra={"source": cfg.source, "settings": settings, **refiner.identity, "latent_set": True})
     if st.done:
-        log.info(f"refine already done for '{cfg.out_name}'; skipping (use --force to redo).")
+        log.info(f"refine already done for '{cfg.out_name}'; skipping (`{st.redo}` redoes it).")
         return st.record
     if dist.is_main:
         store.write_config(stage, asdict(cfg))
@@ -177,7 +177,7 @@ def run_sample(run: str, per_label: dict[str, int], steps: int = 50, guidance: f
     st = Stage.open(store, stage, config_hash, what=f"sampled set '{name}'", force=force, dist=dist, wipe=[out],
                     extra={"steps": steps, "guidance": guidance, **refiner.identity, "latent_set": True})
     if st.done:
-        log.info(f"sample already done for '{name}'; skipping (use --force to redo).")
+        log.info(f"sample already done for '{name}'; skipping (`{st.redo}` redoes it).")
         return st.record
     tl, ys, src = tail_plan_labels(store, per_label)
     if not tl:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -34,16 +33,10 @@ from ..config import PriorConfig, stable_hash
 from ..errors import TailfuseError
 from ..dist import current
 from ..stage import Stage
-from ..store import RunStore, write_text_atomic
+from ..store import RunStore, torch_save_atomic, write_text_atomic
 
 log = logging.getLogger("tailfuse")
 from .prior import FeaturePrior, LatentPrior, noise_scheduler
-
-
-def _torch_save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def resolve_sizes(cfg: PriorConfig) -> PriorConfig:
@@ -132,7 +125,7 @@ def train_denoiser(model, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor,
                             "val_loss": val_loss, "seconds": round(time.time() - t0, 2)})
             bar.set_postfix(loss=round(history[-1]["train_loss"] or 0, 4), val=round(val_loss or 0, 4))
             bar.update(1)
-            _torch_save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
+            torch_save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
                                 "gen": gen.get_state(), "history": history, "epoch": epoch + 1}, state_path)
             write_text_atomic(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     finally:
@@ -181,7 +174,7 @@ def run_train_prior(run: str, cfg: PriorConfig, force: bool = False, progress: b
     st = Stage.open(store, name, config_hash, what=f"a prior '{name}' (trained with other settings or on another encode)",
                     wipe=[folder], force=force, inputs={"encode": enc["config_hash"]}, dist=current(cfg.device))
     if st.done:
-        log.info(f"train-prior already done for '{name}'; skipping (use --force to redo).")
+        log.info(f"train-prior already done for '{name}'; skipping (`{st.redo}` redoes it).")
         return st.record
     if not st.dist.is_main:  # several processes: the main process trains, the others wait for its model
         st.finish(with_shards=False)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..config import DecodeConfig, FuseConfig, TrainConfig, stable_hash
 from ..errors import TailfuseError
-from ..store import RunStore, StageMismatch, file_sha256, write_csv_atomic
+from ..store import RunStore, StageMismatch, file_sha256, npz_save_atomic, write_csv_atomic
 from .config import FUSION_ARMS, ArmSpec, EvaluateConfig
 from .resample import mlsmote, smote_multiclass
 
@@ -337,10 +337,7 @@ def feature_diffusion_set(store: RunStore, arm: ArmSpec, per_label: dict[str, in
             eps = samplers.guided(model, torch.from_numpy(ys), float(st["guidance"]))
             noise = _sample_noise(cfg.data_seed, range(len(tl)), (x_train.shape[1],))
             gen = model.destandardise(samplers.sample(eps, noise, sched, int(st["steps"]))).numpy()
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".features-{os.getpid()}.npz"
-        np.savez(tmp, features=gen, labels=ys, tail_label=np.array(tl), source=np.array(src))
-        os.replace(tmp, cache)
+        npz_save_atomic(cache, features=gen, labels=ys, tail_label=np.array(tl), source=np.array(src))
     return {"features": gen.astype(np.float32), "y": ys.astype(np.float64), "tail_label": tl,
             "identity": {"feature_diffusion": ident},
             "made": {"n_made": len(tl), "seconds": round(time.time() - t0, 2), "settings": st,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TailfuseError
 from ..images import load_image
+from ..store import atomic_file
 
 FEATURE_DIM = 1280
 
@@ -77,9 +78,6 @@ def image_features(paths: list[str], backbone: Backbone, cache_dir: Path | None,
         for i, f in zip(idx, feats):
             out[i] = f
             if cache_dir is not None:
-                p = cache_dir / keys[i][:2] / f"{keys[i]}.npy"
-                p.parent.mkdir(parents=True, exist_ok=True)
-                tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}.npy")
-                np.save(tmp, f)
-                os.replace(tmp, p)
+                with atomic_file(cache_dir / keys[i][:2] / f"{keys[i]}.npy", ".npy") as tmp:
+                    np.save(tmp, f)
     return out

@@ -69,7 +69,7 @@ from ..budget import budget, strategy_from_flags, validate_strategy
 from ..config import stable_hash
 from ..dist import current
 from ..errors import TailfuseError
-from ..store import RunStore, now, write_csv_atomic, write_json_atomic, write_text_atomic
+from ..store import RunStore, now, npz_save_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import TrainSet, class_weights, fit_images, fit_linear
 from .config import CLASSIFIERS, DEFAULT_EPOCHS, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
@@ -112,13 +112,6 @@ def validate(cfg: EvaluateConfig) -> list[ArmSpec]:
     if cfg.fid_max_images < 2 or cfg.pr_k < 1 or cfg.smote_k < 1:
         raise TailfuseError("--fid-max-images must be >= 2, --pr-k and --smote-k >= 1.")
     return specs
-
-
-def _npz_save(path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def _mean_std(vals: list[float]) -> tuple[float | None, float | None]:
@@ -342,7 +335,7 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
                 fi["seconds"] = round(time.time() - t, 2)
                 fi["n_train_items"] = len(ts)
                 scores[key], fit_info[key] = p, fi
-                _npz_save(cache, test_scores=p, info=np.array(json.dumps(fi)))
+                npz_save_atomic(cache, test_scores=p, info=np.array(json.dumps(fi)))
                 bar.update(1)
             timings[spec.name][f"classifier_{bkey}"] = round(time.time() - t_arm, 2)
     finally:
@@ -512,7 +505,7 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     results["output"] = str(out_dir)
     results["timings"]["total_seconds"] = round(time.time() - t_start, 1)
     results["timings"]["evaluation_seconds"] = round(time.time() - t_start - sum((results["timings"].get("extra") or {}).values()), 1)
-    _npz_save(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
+    npz_save_atomic(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
               **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
     results = _write(results, out_dir)
     log.info(f"evaluate: wrote {out_dir / 'results.json'} and results.md in {time.time() - t_start:.0f} s")

@@ -56,8 +56,9 @@ def _validate(cfg: FuseConfig) -> None:
         raise TailfuseError(f"--saliency-norm '{cfg.saliency_norm}' unknown; choose rank or minmax.")
     if cfg.per_class is not None and cfg.balance_to is not None:
         raise TailfuseError("give either --per-class or --balance-to, not both.")
-    if (cfg.per_class is not None and cfg.per_class < 0) or (cfg.balance_to is not None and cfg.balance_to < 0):
-        raise TailfuseError("--per-class and --balance-to must be >= 0.")
+    for flag, v in (("--per-class", cfg.per_class), ("--balance-to", cfg.balance_to)):
+        if v is not None and v < 0:
+            raise TailfuseError(f"{flag} {v}: give a number of samples >= 0.")
     validate_strategy(strategy_from_flags(cfg.per_class, cfg.balance_to, cfg.sampling_strategy, default="auto"),
                       cfg.max_ratio)
     if cfg.neighbours < 1 or cfg.batch_size < 1 or cfg.shard_size < 1:
@@ -268,7 +269,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                     inputs={"encode": enc["config_hash"], cfg.model: model_sha},
                     extra={"model": cfg.model, "generation": gen, "model_sha256": model_sha, "latent_set": True})
     if st.done:
-        log.info(f"fuse already done for '{cfg.name}' ({st.record['n_synthetic']} samples); skipping (use --force to redo).")
+        log.info(f"fuse already done for '{cfg.name}' ({st.record['n_synthetic']} samples); skipping (`{st.redo}` redoes it).")
         return st.record
     if dist.is_main:
         store.write_config(stage, asdict(cfg))
