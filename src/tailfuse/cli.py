@@ -238,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--force", action="store_true", help="discard an earlier set of this name and redo it")
 
+    p = sub.add_parser("report", help="an HTML page to review a synthetic set: every image beside its sources, maps, mask and scores")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--name", default="synthetic", help="the decoded set to review (default synthetic)")
+    p.add_argument("--per-page", type=int, default=100, help="images per page (default 100)")
+    _verbosity(p)
+
+    p = sub.add_parser("review", help="record the decisions exported from the report; write <set>/manifest.accepted.csv")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--name", default="synthetic", help="the reviewed set (default synthetic)")
+    p.add_argument("--decisions", required=True, help="the CSV exported from the report (set_id, synth_id, decision, reviewer, decided_at)")
+    _verbosity(p)
+
     add_evaluate_parser(sub)
 
     p = sub.add_parser("info", help="what a run folder holds")
@@ -495,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(run, ignore_errors=True)  # an early failure leaves no empty run folder behind
 
 
-WRITING_COMMANDS = ("encode", "train", "fuse", "decode", "run", "train-prior", "refine", "sample", "evaluate", "demo")
+WRITING_COMMANDS = ("encode", "train", "fuse", "decode", "run", "train-prior", "refine", "sample", "evaluate", "demo",
+                    "report", "review")
 
 
 def _lock(args):
@@ -523,8 +536,27 @@ def _os_error(command: str, e: OSError) -> str:
     return f"tailfuse {command}: error: {e.strerror or e}{where}."
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    out = run_report(args.run, args.name, args.per_page, progress=not args.quiet)
+    print(f"report: {out['index']} ({out['n_items']} images); open it in a browser, mark accept / reject, export "
+          f"the decisions, then: tailfuse review --run {args.run} --name {args.name} --decisions <csv>")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from .review import run_review
+
+    out = run_review(args.run, args.decisions, args.name)
+    print(f"recorded {out['imported']} decisions: {out['accepted']} accepted, {out['rejected']} rejected, "
+          f"{out['undecided']} not reviewed\naccepted manifest: {out['manifest']}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     handlers = {"encode": cmd_encode, "train": cmd_train, "fuse": cmd_fuse, "decode": cmd_decode, "run": cmd_run,
                 "train-prior": cmd_train_prior, "refine": cmd_refine, "sample": cmd_sample,
-                "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
+                "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "report": cmd_report,
+                "review": cmd_review}
     return handlers[args.command](args)

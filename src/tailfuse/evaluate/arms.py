@@ -272,6 +272,35 @@ def _smote_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, 
             "identity": {"smote": ident, "decode": dec_rec["config_hash"]}, "made": made}
 
 
+def _reviewed_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig) -> dict:
+    """The accepted images of a reviewed set (`tailfuse review`), budgeted like every arm: the first n_l accepted
+    images of each tail label (fewer when the review accepted fewer; reported)."""
+    name = cfg.reviewed_set
+    folder = store.root / name
+    acc = folder / "manifest.accepted.csv"
+    if not acc.is_file():
+        raise TailfuseError(f"arm 'tailfuse-reviewed' needs the reviewed set '{name}': review its report "
+                            f"(`tailfuse report --run {store.root} --name {name}`), then `tailfuse review --run "
+                            f"{store.root} --name {name} --decisions <csv>`; or leave the arm out with --arms.")
+    from ..review import set_table
+
+    path_col = store.labels().get("path_column", "path")
+    man = pd.read_csv(acc)
+    label_of = dict(zip(set_table(store, name)["path"], set_table(store, name)["tail_label"]))
+    tails = [label_of[p] for p in man[path_col]]
+    keep = []
+    for lab, n in per_label.items():
+        keep.extend([i for i, t in enumerate(tails) if t == lab][:n])
+    keep = sorted(keep)
+    short = {lab: n - sum(t == lab for t in tails) for lab, n in per_label.items()}
+    short = {k: v for k, v in short.items() if v > 0}
+    if short:
+        log.info("evaluate: the review accepted fewer images than budgeted (" + ", ".join(f"{k} -{v}" for k, v in short.items()) + ")")
+    return {"folder": folder, "manifest": man.iloc[keep].reset_index(drop=True), "tail_label": [tails[i] for i in keep],
+            "identity": {"accepted": file_sha256(acc)},
+            "made": {"n_made": int(len(man)), "n_used": len(keep), "set": name, **({"short": short} if short else {})}}
+
+
 def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool,
                    force: bool = False) -> dict:
     """Make (or reuse) the arm's synthetic set; return its manifest rows (absolute paths), targets and identity."""
@@ -284,6 +313,8 @@ def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg
         out = _prior_sample_set(store, arm, per_label, cfg, progress, force)
     elif arm.base == "vae-roundtrip":
         out = _roundtrip_set(store, per_label, cfg, progress)
+    elif arm.base == "tailfuse-reviewed":
+        out = _reviewed_set(store, per_label, cfg)
     else:
         out = _smote_set(store, per_label, cfg, progress, force)
     info = store.labels()

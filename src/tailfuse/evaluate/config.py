@@ -13,7 +13,7 @@ ARMS = ("real", "reweight", "oversample", "smote", "mixup", "vae-roundtrip", "ta
 # arms run only when named with --arms: tailfuse with the `kept` label policy (multi-label data; on multi-class data
 # it equals `tailfuse`); the diffusion arms, which need the run's prior (`tailfuse train-prior`, trained first when
 # missing): fusion refined by the prior, full sampling from noise, and LDMLR-style sampling of classifier features
-OPTIONAL_ARMS = ("tailfuse-kept", "tailfuse-refined", "prior-sample", "feature-diffusion")
+OPTIONAL_ARMS = ("tailfuse-kept", "tailfuse-refined", "prior-sample", "feature-diffusion", "tailfuse-reviewed")
 # arms made by fusion: they take settings in brackets, e.g. tailfuse[candidates=3,soft_labels=true]
 FUSION_ARMS = {
     "tailfuse": {"model": "train"},
@@ -28,7 +28,7 @@ REFINE_DEFAULTS = {"tailfuse-refined": {"refine": "10/50", "guidance": 2.0}}
 DIFFUSION_ARM_SETTINGS = {"prior-sample": {"steps": 50, "guidance": 2.0, "drop_near_copies": False},
                           "feature-diffusion": {"steps": 50, "guidance": 2.0, "epochs": 300}}
 # arms whose new samples are PNG images (made once per run, seed ``data_seed``) rather than rows or feature mixes
-IMAGE_ARMS = ("smote", "vae-roundtrip", "prior-sample", *FUSION_ARMS)
+IMAGE_ARMS = ("smote", "vae-roundtrip", "prior-sample", "tailfuse-reviewed", *FUSION_ARMS)
 # arms that add no samples (the budget does not apply)
 NO_BUDGET_ARMS = ("real", "reweight")
 CLASSIFIERS = ("linear", "finetune", "cnn")
@@ -150,6 +150,7 @@ class EvaluateConfig:
     pr_k: int = 3  # k of the k-NN manifold precision/recall
     train_missing: bool = True  # train the 'train-no-imitation' model when the arm needs it and it is missing
     feature_batch_size: int = 32
+    reviewed_set: str = "synthetic"  # tailfuse-reviewed: the set whose accepted images (tailfuse review) are used
     vae: str | None = None  # VAE for decoding the image arms (default: the one the run was encoded with)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (default: torch's own)

@@ -468,7 +468,7 @@ def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
 
 
 def _write(results: dict, out_dir) -> dict:
-    from .report import plots, results_markdown
+    from .tables import plots, results_markdown
 
     write_json_atomic(out_dir / "results.json", results)
     write_text_atomic(out_dir / "results.md", results_markdown(results))

@@ -366,7 +366,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
         write_csv_atomic(out / "samples.csv", allrows)
     per_label = {lab: int((allrows["tail_label"] == lab).sum()) for lab in tail}
     rec = st.finish(n_synthetic=len(allrows), per_label=per_label, mean_tail_share=float(allrows["tail_share"].mean()),
-                    files=files)
+                    files=files, saliency=sal_folder.name)
     log.info(f"fused {len(allrows)} synthetic latents into {out} ("
              + ", ".join(f"{k} {v}" for k, v in per_label.items()) + f"); mean tail share {rec['mean_tail_share']:.2f}")
     return rec
