@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from tailfuse.evaluate.cli_args import add_evaluate_parser, cmd_evaluate  # noqa: E402
+from tailfuse.evaluation.cli_args import add_evaluate_parser, cmd_evaluate  # noqa: E402
 
 
 def prepare(run: Path, data: str, vae: str | None, threads: int) -> dict:

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from tailfuse.codec import VAECodec  # noqa: E402
-from tailfuse.evaluate.features import Backbone, image_features  # noqa: E402
+from tailfuse.evaluation.features import Backbone, image_features  # noqa: E402
 from tailfuse.fusion.stage import synthetic_latents  # noqa: E402
 from tailfuse.images import load_image  # noqa: E402
 from tailfuse.store import RunStore  # noqa: E402

@@ -219,8 +219,8 @@ def test_stable_diffusion_refinement_with_a_tiny_pipeline(tmp_path, run_dir):
 
 
 def test_diffusion_arms_in_evaluate(tmp_path, run_dir):
-    from tailfuse.evaluate.config import EvaluateConfig
-    from tailfuse.evaluate.harness import run_evaluate
+    from tailfuse.evaluation.config import EvaluateConfig
+    from tailfuse.evaluation.harness import run_evaluate
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

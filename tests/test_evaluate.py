@@ -14,14 +14,14 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 from tailfuse.config import DataConfig, EncodeConfig, TrainConfig, VAEConfig
 from tailfuse.encode import run_encode
 from tailfuse.errors import TailfuseError
-from tailfuse.evaluate import metrics as M
-from tailfuse.evaluate.classifier import DEFAULT_C_GRID, TrainSet, class_weights, fit_images, fit_linear
-from tailfuse.evaluate.cli_args import add_evaluate_parser, cmd_evaluate
-from tailfuse.evaluate.config import ARMS, EvaluateConfig
-from tailfuse.evaluate.harness import run_evaluate
-from tailfuse.evaluate.quality import frechet_distance, knn_precision_recall
+from tailfuse.evaluation import metrics as M
+from tailfuse.evaluation.classifier import DEFAULT_C_GRID, TrainSet, class_weights, fit_images, fit_linear
+from tailfuse.evaluation.cli_args import add_evaluate_parser, cmd_evaluate
+from tailfuse.evaluation.config import ARMS, EvaluateConfig
+from tailfuse.evaluation.harness import run_evaluate
+from tailfuse.evaluation.quality import frechet_distance, knn_precision_recall
 from tailfuse.budget import budget, strategy_from_flags
-from tailfuse.evaluate.resample import mixup_pairs, mlsmote, oversample_rows, smote_multiclass
+from tailfuse.evaluation.resample import mixup_pairs, mlsmote, oversample_rows, smote_multiclass
 from tailfuse.store import RunStore
 from tailfuse.train import run_train
 from tiny import tiny_autoencoder_tiny
@@ -249,7 +249,7 @@ def test_linear_classifier_equals_scikit_learn_logistic_regression():
 
 def test_soft_targets_and_class_weights_enter_as_exact_sample_weights():
     """Row expansion: the weighted loss of the expanded rows equals the soft-target loss (CE and weighted BCE)."""
-    from tailfuse.evaluate.classifier import _expand_binary, _expand_multiclass
+    from tailfuse.evaluation.classifier import _expand_binary, _expand_multiclass
 
     rng = np.random.default_rng(0)
     n, k = 12, 3
@@ -277,7 +277,7 @@ def test_soft_targets_and_class_weights_enter_as_exact_sample_weights():
 
 
 def test_separability_auc_is_half_for_one_distribution_and_high_for_two():
-    from tailfuse.evaluate.quality import separability_auc
+    from tailfuse.evaluation.quality import separability_auc
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(120, 20)), rng.normal(size=(90, 20))
@@ -472,7 +472,7 @@ def test_errors(tmp_path, ml_run):
 
 
 def test_folds_group_and_stratify():
-    from tailfuse.evaluate.folds import _split_groups
+    from tailfuse.evaluation.folds import _split_groups
 
     strata = np.array(["t"] * 10 + ["h"] * 30, dtype=object)
     groups = np.array([f"p{i // 2}" for i in range(40)], dtype=object)  # patients with two images each

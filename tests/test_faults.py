@@ -23,7 +23,8 @@ def test_every_stage_survives_random_kills(tmp_path, isic_dir, taesd_path):
     bad = [t for t in res["trials"] if not t.get("resumed") or (t["killed"] and not t["identical"])]
     assert not bad, bad
     assert res["kills"] >= 3  # most trials land while the stage runs (the rest finished first)
-    assert res["kills_survived_identical"] == res["kills"] and res["files_compared"] > 50
+    assert res["kills_survived_identical"] == res["kills"]
+    assert all(t["files_compared"] > 0 for t in res["trials"])  # every stage's outputs were there to compare
 
 
 def test_a_full_disk_fails_with_one_line_and_the_next_run_resumes(tmp_path, isic_dir, taesd_path, monkeypatch, capsys):

@@ -39,6 +39,7 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
     info = store.labels()
     labels, tail, multi = info["labels"], info["tail_labels"], info["multi_label"]
     assert multi == (dataset == "covid") and tail
+    assert info["greyscale"] == (dataset == "covid")  # chest X-rays are grey: written back grey
     samples = store.samples().set_index("sample_id")
     syn = run / "synthetic"
     man = pd.read_csv(syn / "manifest.csv")
@@ -51,7 +52,7 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
     digests = set()
     for p, (_, row) in zip(prov, man.iterrows()):
         img = Image.open(syn / row["path"])
-        assert img.format == "PNG" and img.size == (128, 128) and img.mode == "RGB"
+        assert img.format == "PNG" and img.size == (128, 128) and img.mode == ("L" if info["greyscale"] else "RGB")
         digests.add(np.asarray(img).tobytes())
         t, h = samples.loc[p["tail_sample_id"]], samples.loc[p["head_sample_id"]]
         assert t["split"] == h["split"] == "train"

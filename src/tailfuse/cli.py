@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .config import load_yaml, resolve
 from .errors import TailfuseError
-from .evaluate.cli_args import add_evaluate_parser, cmd_evaluate
+from .evaluation.cli_args import add_evaluate_parser, cmd_evaluate
 
 
 
@@ -28,6 +28,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="CSV manifest (path + one 0/1 column per label [+ split]) or a folder with one sub-folder per class")
     g.add_argument("--path-column", help="manifest column holding image paths (default: path)")
     g.add_argument("--labels", type=_csv_list, help="comma-separated label columns (default: every column holding only 0/1)")
+    g.add_argument("--label-column", help="one column of class names instead of 0/1 columns (e.g. diagnosis: MEL, NV, ...; several labels as A|B); found by itself when it is the only text column")
     g.add_argument("--metadata-columns", type=_csv_list, help="comma-separated columns never taken as labels")
     g.add_argument("--group-column", help="column keeping a group in one split when tailfuse splits (default: patient_id if present)")
     g.add_argument("--tail-labels", type=_csv_list, help="comma-separated tail labels (default: automatic, see --head-share)")
@@ -96,8 +97,11 @@ def _add_decode_quality_args(g) -> None:
     g.add_argument("--near-copy-quantile", type=float, help="near-copy threshold: this quantile of the real images' nearest-other-image distances (default 0.05)")
 
 
-def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
-    p.add_argument("--run", required=run_required, help="run folder (created if needed)")
+EXISTING_RUN = "run folder made by `tailfuse encode` or `tailfuse run`"
+
+
+def _common(p: argparse.ArgumentParser, run_required: bool = True, creates: bool = False) -> None:
+    p.add_argument("--run", required=run_required, help="run folder (created if needed)" if creates else EXISTING_RUN)
     p.add_argument("--config", help="YAML file with sections data, vae, encode, ... (flags override it)")
     _verbosity(p)
 
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="command")
 
     p = sub.add_parser("encode", help="images -> VAE latents in the run folder (resumable)")
-    _common(p)
+    _common(p, creates=True)
     _add_data_args(p)
     _add_vae_args(p)
     g = p.add_argument_group("encode")
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="decode again")
 
     p = sub.add_parser("run", help="encode, train, fuse and decode (each stage skipped when done; resumable)")
-    _common(p)
+    _common(p, creates=True)
     _add_data_args(p)
     g = p.add_argument_group("VAE")
     g.add_argument("--vae", help="diffusers AutoencoderKL / AutoencoderTiny folder, Stable Diffusion folder, or hub id (default: $TAILFUSE_VAE)")
@@ -362,7 +366,10 @@ def validate_sections(sections: dict) -> None:
     from .fusion.stage import _validate as validate_fuse
     from .train import validate as validate_train
 
-    checks = {"data": validate_data, "train": validate_train, "fuse": validate_fuse, "decode": validate_decode}
+    from .codec import validate_vae
+
+    checks = {"data": validate_data, "vae": validate_vae, "train": validate_train, "fuse": validate_fuse,
+              "decode": validate_decode}
     for name, cfg in sections.items():
         if name in checks:
             checks[name](cfg)
@@ -399,18 +406,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .codec import HUB_DEFAULT, VAE_ENV
-    from .demo import demo_configs, elpv_manifest
+    from .demo import DEMO_TAIL, demo_configs, elpv_manifest
     from .pipeline import run_all
 
+    from .codec import validate_vae
+    from .config import VAEConfig
+
     run = Path(args.run)
-    run.mkdir(parents=True, exist_ok=True)
-    manifest = elpv_manifest(run / "demo-data" / "manifest.csv")
     vae_name = args.vae or os.environ.get(VAE_ENV) or HUB_DEFAULT
-    run_all(str(run), **demo_configs(manifest, vae_name, args.device or "cpu"), progress=not args.quiet)
-    out = run / "synthetic"
+    validate_vae(VAEConfig(vae=vae_name))  # before any work
+    manifest = elpv_manifest(run / "demo-data" / "manifest.csv", copy=True)
+    out = run_all(str(run), **demo_configs(manifest, vae_name, args.device or "cpu"), progress=not args.quiet)
+    folder = run / out["set"]
     print(
-        f"\ndemo done.\n  synthetic images: {out / 'images'}\n  manifest:         {out / 'manifest.csv'}\n"
-        f"  provenance:       {out / 'provenance.jsonl'}\n  run summary:      tailfuse info --run {run}"
+        f"\ndemo done: {out['decode']['n_images']} synthetic images of the rare grades "
+        f"({', '.join(DEMO_TAIL)}).\n  images:      {folder / 'images'}\n  manifest:    {folder / 'manifest.csv'}\n"
+        f"  provenance:  {folder / 'provenance.jsonl'}\n  review page: tailfuse report --run {run}\n"
+        f"  run summary: tailfuse info --run {run}"
     )
     return 0
 
@@ -483,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     run = getattr(args, "run", None)
     created = run is not None and not Path(run).exists()
+    if run is not None and args.command in WRITING_COMMANDS:
+        from .store import contain_matplotlib
+
+        contain_matplotlib(Path(run))  # before any module imports matplotlib
     try:
         with _lock(args):
             return _dispatch(args)

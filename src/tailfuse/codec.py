@@ -39,6 +39,14 @@ def resolve_vae_name(name: str | None) -> str:
     return name
 
 
+def validate_vae(cfg) -> None:
+    """The VAE setting checked before any work (a wrong --vae fails in a second, before the data is read): a VAE is
+    named, its folder holds a VAE config (or the hub id answers), the dtype is known."""
+    if cfg.dtype not in DTYPES:
+        raise TailfuseError(f"dtype '{cfg.dtype}' not supported; choose from {', '.join(DTYPES)}.")
+    _locate(resolve_vae_name(cfg.vae))
+
+
 def _locate(name: str) -> tuple[Path, str | None, dict]:
     """Find the VAE config: returns (folder holding the model, subfolder or None, config dict)."""
     p = Path(name).expanduser()

@@ -25,6 +25,7 @@ class DataConfig:
     data: str | None = None  # a CSV manifest or a folder with one sub-folder per class
     path_column: str = "path"
     labels: list[str] | None = None  # label columns; None = every column holding only 0/1 values
+    label_column: str | None = None  # one column of class names ('MEL', or 'A|B' for several); detected when alone
     metadata_columns: list[str] = field(default_factory=list)  # columns never taken as labels
     group_column: str | None = None  # keeps a group (a patient) in one split; None = `patient_id` if present
     tail_labels: list[str] | None = None  # None = automatic (see head_share)
@@ -233,7 +234,7 @@ class RefineConfig:
         return self.name or f"{self.source}-refined"
 
 
-from .evaluate.config import EvaluateConfig  # noqa: E402  (its own module: the evaluate package owns it)
+from .evaluation.config import EvaluateConfig  # noqa: E402  (its own module: the evaluate package owns it)
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig,

@@ -6,6 +6,9 @@ Rules (documented in the README):
   label, an optional ``split`` column (``train`` / ``val`` / ``test``) and any other columns, kept as metadata.
   Label columns are the ones named with ``--labels``, or else every column whose values are all 0 or 1. A column
   that is mostly 0/1 but holds other values (2, -1, blanks) is an error, not silently metadata.
+* Or one column of class names (``--label-column diagnosis``: ``MEL``, ``NV``, ...; several labels as ``A|B``),
+  which becomes one 0/1 label per class name (sorted) and stays in the table as metadata. With no 0/1 columns and
+  no ``--labels``, a single text column with few distinct values is taken as that column (and said so).
 * A dataset where every row carries exactly one label is multi-class; otherwise multi-label.
 * No ``split`` column: a seeded split stratified by each sample's rarest label (and grouped by the group column,
   ``patient_id`` when present) into train/val/test 70/10/20. A ``split`` without ``val``: 10 % of train is carved
@@ -17,8 +20,9 @@ Rules (documented in the README):
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,9 @@ from .errors import TailfuseError
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 SPLITS = ("train", "val", "test")
 RESERVED = ("sample_id", "line", "abs_path", "split_source", "shard", "offset")
+LABEL_SEPARATOR = "|"  # several class names in one cell of a label column
+MAX_CLASSES = 100  # a detected label column has at most this many distinct class names
+log = logging.getLogger("tailfuse")
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Dataset:
     metadata_columns: list[str] = field(default_factory=list)
     path_column: str = "path"
     notes: list[str] = field(default_factory=list)
+    label_column: str | None = None  # the input's one column of class names, when it had one
 
     def label_matrix(self) -> np.ndarray:
         return self.table[self.labels].to_numpy(dtype=np.int64)
@@ -163,6 +171,10 @@ def load_manifest(csv: Path, cfg: DataConfig) -> Dataset:
             f"manifest {csv}: empty path in column '{pc}' at line(s) {_fmt_lines(list(lines[blank.to_numpy()]))}."
         )
 
+    lc = cfg.label_column or (None if cfg.labels else _detect_label_column(raw, csv, cfg))
+    if lc:
+        raw, classes = _expand_label_column(raw, lc, csv, cfg)
+        cfg = replace(cfg, labels=classes, metadata_columns=[*cfg.metadata_columns, lc])
     labels, metadata = _label_columns(raw, csv, cfg)
     table = pd.DataFrame({"line": lines, "path": raw[pc].str.strip()})
     base = csv.resolve().parent
@@ -206,7 +218,64 @@ def load_manifest(csv: Path, cfg: DataConfig) -> Dataset:
         table = table.drop(columns=empty)
     ys = table[labels].to_numpy()
     multi = bool((ys.sum(axis=1) != 1).any())
-    return Dataset(table, labels, multi, "csv", str(csv.resolve()), metadata, pc, [])
+    return Dataset(table, labels, multi, "csv", str(csv.resolve()), metadata, pc, [], lc)
+
+
+def _is_binary(col: pd.Series) -> bool:
+    return bool(col.str.strip().isin(["0", "1", "0.0", "1.0"]).all())
+
+
+def _detect_label_column(raw: pd.DataFrame, csv: Path, cfg: DataConfig) -> str | None:
+    """The one text column of class names, when the manifest has no 0/1 label column; None otherwise."""
+    group = cfg.group_column or ("patient_id" if "patient_id" in raw.columns else None)
+    fixed = {cfg.path_column, "split", group, *cfg.metadata_columns}
+    free = [c for c in raw.columns if c not in fixed]
+    if any(_is_binary(raw[c]) for c in free):
+        return None  # the 0/1 layout
+    candidates = []
+    for c in free:
+        v = raw[c].str.strip()
+        numeric = pd.to_numeric(v, errors="coerce").notna().all()
+        names = {n.strip() for cell in v.unique() for n in cell.split(LABEL_SEPARATOR)} - {""}
+        if not numeric and 2 <= len(names) <= min(MAX_CLASSES, len(raw) // 2):  # ~2+ images per class
+            candidates.append(c)
+    if len(candidates) > 1:
+        raise TailfuseError(
+            f"manifest {csv} has no 0/1 label columns, and {len(candidates)} columns could hold class names "
+            f"({', '.join(candidates)}): name the one with the labels with --label-column."
+        )
+    if candidates:
+        log.info(f"labels: class names in column '{candidates[0]}' (--label-column {candidates[0]})")
+        return candidates[0]
+    return None
+
+
+def _expand_label_column(raw: pd.DataFrame, col: str, csv: Path, cfg: DataConfig) -> tuple[pd.DataFrame, list[str]]:
+    """One 0/1 column per class name of ``col`` (``A|B`` gives both); the class names, sorted."""
+    if cfg.labels:
+        raise TailfuseError("give --labels (0/1 columns) or --label-column (one column of class names), not both.")
+    if col not in raw.columns:
+        raise TailfuseError(f"manifest {csv}: --label-column '{col}' is not a column (columns: {', '.join(raw.columns)}).")
+    if col in (cfg.path_column, "split"):
+        raise TailfuseError(f"--label-column '{col}' is the {'path' if col == cfg.path_column else 'split'} column.")
+    cells = [[n.strip() for n in cell.split(LABEL_SEPARATOR) if n.strip()] for cell in raw[col]]
+    blank = np.array([not c for c in cells])
+    if blank.any():
+        lines = np.arange(len(raw)) + 2
+        raise TailfuseError(
+            f"manifest {csv}: label column '{col}' is empty at line(s) {_fmt_lines(list(lines[blank]))}. Every "
+            f"image needs a class name (several as A{LABEL_SEPARATOR}B); give images with no finding a name of "
+            "their own (e.g. 'normal')."
+        )
+    classes = sorted({n for c in cells for n in c})
+    clash = [n for n in classes if n in raw.columns or n in RESERVED]
+    if clash:
+        raise TailfuseError(
+            f"manifest {csv}: class name(s) {', '.join(clash)} in column '{col}' are also column names; rename "
+            "those columns or classes."
+        )
+    onehot = pd.DataFrame({n: ["1" if n in c else "0" for c in cells] for n in classes}, index=raw.index)
+    return pd.concat([raw, onehot], axis=1), classes
 
 
 def _label_columns(raw: pd.DataFrame, csv: Path, cfg: DataConfig) -> tuple[list[str], list[str]]:
@@ -242,7 +311,8 @@ def _label_columns(raw: pd.DataFrame, csv: Path, cfg: DataConfig) -> tuple[list[
     if not labels:
         raise TailfuseError(
             f"manifest {csv} has no label columns: a label column holds 0 or 1 in every row, one column per "
-            f"label (columns found: {', '.join(raw.columns)}). Add them, or name them with --labels."
+            f"label (columns found: {', '.join(raw.columns)}). Add them, name them with --labels, or name a column "
+            "of class names with --label-column."
         )
     for col in labels:
         bad = bad_values(col)

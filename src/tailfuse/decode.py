@@ -3,7 +3,8 @@
 Output, in ``<run>/<name>/``:
   images/000000.png ...     (image-folder input: images/<class>/000000.png)
   manifest.csv              the input's layout: path (relative to this folder) + split `synthetic` + one 0/1
-                            column per label, in the input's column names and order; append it to your own
+                            column per label, in the input's column names and order (and the input's column of
+                            class names when it had one); append it to your own
   provenance.jsonl          one JSON object per image: where it came from and how it was made
 """
 
@@ -125,6 +126,9 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
         raise TailfuseError(f"pixel detail needs a fused set (its source images and masks); '{cfg.name}' was not made "
                             "by fusion. Decode it without --pixel-detail.")
     settings = {"pixel_detail": cfg.pixel_detail}
+    grey = bool(labels_info.get("greyscale"))
+    if grey:  # greyscale inputs: greyscale PNGs (the key only then, so colour runs keep their earlier hash)
+        settings["greyscale"] = True
     if select:
         settings.update(drop_near_copies=cfg.drop_near_copies, near_copy_quantile=cfg.near_copy_quantile)
     config_hash = stable_hash({"fuse": lset.record["config_hash"], "vae": codec.fingerprint(), **settings})
@@ -165,7 +169,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
                 for sid, img in zip(ids, imgs):
                     p = out / paths[int(sid)]
                     p.parent.mkdir(parents=True, exist_ok=True)
-                    save_png(img, str(p))
+                    save_png(img, str(p), grey=grey)
                 bar.update(len(ids) * dist.world)
             st.finish_shard(si, {"n": len(chunk)})
     finally:
@@ -195,7 +199,8 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
         log.info(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
                  f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
     if dist.is_main:
-        _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"), cfg.pixel_detail)
+        _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"), cfg.pixel_detail,
+                                       labels_info.get("label_column"))
     extra = dist.broadcast(extra)
     n_kept = dist.broadcast(int(keep.sum()))
     rec = st.finish(n_images=n_kept, n_decoded=len(table), **extra)
@@ -205,9 +210,12 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
 
 
 def _write_manifest_and_provenance(out: Path, table: pd.DataFrame, keep: np.ndarray, labels: list[str], path_col: str,
-                                   pixel: bool) -> None:
+                                   pixel: bool, label_column: str | None = None) -> None:
     chosen = table[keep]
     manifest = pd.DataFrame({path_col: chosen["path"].to_numpy(), "split": "synthetic"})
+    if label_column:  # the input named classes in one column: so does the manifest ('A|B' for several)
+        onehot = chosen[labels].astype(int).to_numpy()
+        manifest[label_column] = ["|".join(lab for lab, v in zip(labels, row) if v) for row in onehot]
     for lab in labels:
         manifest[lab] = chosen[lab].astype(int).to_numpy()
     soft_cols = [f"soft_{lab}" for lab in labels if f"soft_{lab}" in table.columns]

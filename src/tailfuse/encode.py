@@ -19,7 +19,7 @@ from .config import DataConfig, EncodeConfig, VAEConfig, stable_hash
 from .data import Dataset, histogram, load_dataset, partition
 from .data import validate as validate_data
 from .errors import TailfuseError
-from .images import BadImage, load_image, path_problem
+from .images import BadImage, is_colour, load_image, path_problem
 from .dist import current
 from .stage import Stage
 from .store import RunStore, ShardSet, StageMismatch, save_tensors_atomic, write_csv_atomic, write_json_atomic
@@ -79,6 +79,29 @@ def _prescan(ds: Dataset, strict: bool) -> None:
         )
 
 
+def median_input_side(ds: Dataset, n: int = 200) -> int | None:
+    """Median shorter side of up to ``n`` input images (evenly spaced rows; image headers only)."""
+    from PIL import Image
+
+    paths = ds.table["abs_path"].to_numpy()
+    sides = []
+    for p in paths[np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)]:
+        try:
+            with Image.open(p) as im:
+                sides.append(min(im.size))
+        except Exception:  # unreadable images are reported by the encode itself
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def _resolution_note(ds: Dataset, size: int) -> None:
+    side = median_input_side(ds)
+    if side is not None and side >= 2 * size:
+        log.info(f"note: the input images are {side} px (median shorter side) and are brought to {size} px; the "
+                 f"synthetic images will be {size} px too. --image-size {2 * size} keeps more "
+                 "detail at about 4x the time (README, 'Image size').")
+
+
 def run_encode(
     data_cfg: DataConfig,
     vae_cfg: VAEConfig,
@@ -93,6 +116,10 @@ def run_encode(
     validate_data(data_cfg)
     if enc_cfg.batch_size < 1 or enc_cfg.shard_size < 1:
         raise TailfuseError("batch size and shard size must be at least 1.")
+    if codec is None:
+        from .codec import validate_vae
+
+        validate_vae(vae_cfg)
     dist = current(vae_cfg.device)
     ds = load_dataset(data_cfg)
     head, tail = partition(ds, data_cfg)
@@ -107,6 +134,8 @@ def run_encode(
     log.info(histogram(ds.counts(), tail))
     log.info(f"head: {', '.join(head)}\ntail: {', '.join(tail)}")
     _prescan(ds, data_cfg.strict)
+    if dist.is_main:
+        _resolution_note(ds, data_cfg.image_size)
 
     codec = codec or VAECodec.load(vae_cfg.vae, vae_cfg.device, vae_cfg.dtype)
     if data_cfg.image_size % codec.downsample or data_cfg.image_size < codec.downsample:
@@ -160,7 +189,7 @@ def run_encode(
         for key in todo:
             si = int(key)
             rows = ds.table.iloc[si * enc_cfg.shard_size : (si + 1) * enc_cfg.shard_size]
-            ids, lats, skipped = [], [], []
+            ids, lats, skipped, n_colour = [], [], [], 0
             for b in range(0, len(rows), enc_cfg.batch_size):
                 batch = rows.iloc[b : b + enc_cfg.batch_size]
 
@@ -183,11 +212,13 @@ def run_encode(
                     else:
                         good.append((int(r["sample_id"]), im))
                 if good:
+                    n_colour += sum(is_colour(im) for _, im in good)
                     z = codec.encode(torch.stack([im for _, im in good]))
                     ids.extend(i for i, _ in good)
                     lats.append(z)
                 bar.update(len(batch) * dist.world)
-            entry = {"n_rows": len(rows), "n": len(ids), "skipped": skipped, "file": None, "sha256": None}
+            entry = {"n_rows": len(rows), "n": len(ids), "skipped": skipped, "file": None, "sha256": None,
+                     "n_colour": n_colour}
             if ids:
                 fname = f"latents/{si:05d}.safetensors"
                 path = store.root / fname
@@ -216,7 +247,8 @@ def run_encode(
         raise TailfuseError("no image could be read; see skipped.csv in the run folder for the reasons.")
     labels = list(ds.labels)
     if skipped_ids:  # the kept images decide the class counts and the head/tail split, not the manifest's rows
-        kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+        kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column,
+                       label_column=ds.label_column)
         empty = [lab for lab in labels if int(table[lab].sum()) == 0]
         if empty and not data_cfg.drop_empty_labels:
             raise TailfuseError(
@@ -226,7 +258,8 @@ def run_encode(
         if empty:
             log.warning(f"note: label(s) {', '.join(empty)} dropped: every image carrying them was unreadable")
             labels = [lab for lab in labels if lab not in empty]
-            kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+            kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column,
+                       label_column=ds.label_column)
         head2, tail2 = partition(kept, data_cfg)
         if (head2, tail2) != (head, tail):
             log.warning(f"note: without the {len(skipped_ids)} unreadable image(s) the head labels are "
@@ -240,7 +273,8 @@ def run_encode(
         table["shard"] = table["sample_id"].map(shard_of).astype(np.int64)
         table["offset"] = table["sample_id"].map(offset_of).astype(np.int64)
         write_csv_atomic(store.samples_csv, table)
-        kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column)
+        kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column,
+                       label_column=ds.label_column)
         counts = kept.counts()
         write_json_atomic(
             store.labels_json,
@@ -255,7 +289,10 @@ def run_encode(
                 "source_path": ds.source_path,
                 "path_column": ds.path_column,
                 "metadata_columns": ds.metadata_columns,
+                "label_column": ds.label_column,
                 "image_size": data_cfg.image_size,
+                # every image greyscale (R = G = B): decoded images are written back as greyscale
+                "greyscale": all(sh.get("n_colour", 1) == 0 for sh in shards_done.values() if sh["n"]),
                 "latent_shape": list(shards.shape),
             },
         )

@@ -121,10 +121,21 @@ def load_image(path: str, size: int, policy: str = "center-crop") -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
-def save_png(image: torch.Tensor, path: str) -> None:
-    """Write a 3 x H x W tensor in [0, 1] as an 8-bit RGB PNG (atomically)."""
+def is_colour(image: torch.Tensor, tol: float = 1.5 / 255) -> bool:
+    """Whether a 3 x H x W image in [0, 1] has colour (channels differing by more than about one 8-bit level)."""
+    return bool((image.amax(0) - image.amin(0)).max() > tol)
+
+
+def save_png(image: torch.Tensor, path: str, grey: bool = False) -> None:
+    """Write a 3 x H x W tensor in [0, 1] as an 8-bit PNG (atomically): RGB, or ``grey`` (mode L, the channels
+    averaged) for greyscale data, so grey inputs come back grey and not with the decoder's faint colour cast."""
     from .store import atomic_file
 
-    a = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    img = image.detach().float().clamp(0, 1)
+    if grey:
+        img = img.mean(0, keepdim=True)
+    a = (img.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    if grey:
+        a = a[:, :, 0]
     with atomic_file(path, ".png") as tmp:
         Image.fromarray(a).save(tmp)

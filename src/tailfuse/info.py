@@ -11,6 +11,12 @@ def run_info(run: str) -> dict:
     if not store.root.is_dir():
         raise TailfuseError(f"run folder {store.root} does not exist.")
     stages = store.stages()
+    if not stages and not store.labels_json.is_file():
+        raise TailfuseError(
+            f"{store.root} is not a tailfuse run folder (no stages/ records, no labels.json). Make one with "
+            f"`tailfuse run --data <manifest> --run {store.root}` or `tailfuse encode`, or pass the folder given as "
+            "--run to them."
+        )
     out: dict = {"run": str(store.root.resolve()), "stages": {}}
     holder = lock_holder(store.root)
     if holder:
@@ -48,6 +54,14 @@ def run_info(run: str) -> dict:
         if name.startswith("train") and rec.get("last"):
             key = "train" if name == "train" else name.replace("-", "_")
             out[key] = {"model": name, "status": rec.get("status"), **rec["last"]}
+    sets = {}
+    for name, rec in stages.items():  # every decoded set: how many images, where their manifest is
+        if name.startswith("decode-") and "/" not in name and rec.get("status") == "done":
+            folder = store.root / name[len("decode-"):]
+            sets[name[len("decode-"):]] = {"images": rec.get("n_images"), "manifest": str(folder / "manifest.csv"),
+                                           "accepted_manifest": str(folder / "manifest.accepted.csv")
+                                           if (folder / "manifest.accepted.csv").is_file() else None}
+    out["synthetic_sets"] = sets
     enc = stages.get("encode")
     if enc:
         out["vae"] = enc.get("vae")
@@ -77,6 +91,11 @@ def format_info(info: dict) -> str:
             c = info["label_counts"][lab]
             role = "tail" if lab in info["tail_labels"] else "head"
             lines.append(f"  {lab:<{w}}  {role}  {c['train']:>6} {c['val']:>5} {c['test']:>5}")
+    for name, st in (info.get("synthetic_sets") or {}).items():
+        lines.append(f"synthetic set '{name}': {st['images']} images, manifest {st['manifest']}"
+                     + (f" (reviewed: {st['accepted_manifest']})" if st.get("accepted_manifest") else ""))
+    if not info.get("synthetic_sets"):
+        lines.append("synthetic images: none yet (`tailfuse fuse` then `tailfuse decode`, or `tailfuse run`)")
     lines.append("stages:" + ("" if info["stages"] else " none"))
     for name, s in info["stages"].items():
         extra = ", ".join(f"{k} {v}" for k, v in s.items() if k != "status")

@@ -42,7 +42,9 @@ def ensure_roundtrips(store: RunStore, sample_ids, codec, batch_size: int = 32, 
 
     dist = dist or current()
     folder = store.data_root / "roundtrip"
-    ident = {"hash": stable_hash({"vae": codec.fingerprint(), "encode": (store.stage("encode") or {}).get("config_hash")})}
+    grey = bool(store.labels().get("greyscale")) if store.labels_json.is_file() else False
+    key = {"vae": codec.fingerprint(), "encode": (store.stage("encode") or {}).get("config_hash")}
+    ident = {"hash": stable_hash({**key, "greyscale": True} if grey else key)}
     rec = folder / "roundtrip.json"
     if dist.is_main:
         if folder.is_dir() and (not rec.is_file() or json.loads(rec.read_text()) != ident):
@@ -62,7 +64,7 @@ def ensure_roundtrips(store: RunStore, sample_ids, codec, batch_size: int = 32, 
             for a in range(0, len(todo), batch_size):
                 part = todo[a : a + batch_size]
                 for sid, img in zip(part, codec.decode(shards.get(part))):
-                    save_png(img, str(roundtrip_path(store, sid)))
+                    save_png(img, str(roundtrip_path(store, sid)), grey=grey)
                 bar.update(len(part))
         finally:
             bar.close()

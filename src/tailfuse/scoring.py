@@ -36,7 +36,7 @@ def features_dir(store: RunStore) -> Path:
 def run_image_features(store: RunStore, paths: list[str], backbone=None, progress: bool = False,
                        desc: str = "EfficientNet-Lite0 features", batch_size: int = 32) -> np.ndarray:
     """EfficientNet-Lite0 features of image files, read like the run's own images (size, resize policy); cached."""
-    from .evaluate.features import Backbone, image_features
+    from .evaluation.features import Backbone, image_features
 
     info = store.labels()
     size = int(info.get("image_size") or (store.config().get("data") or {}).get("image_size") or 128)
@@ -51,7 +51,7 @@ class RealScorer:
 
     labels: list[str]
     multi_label: bool
-    model: object  # evaluate.classifier.LinearModel
+    model: object  # evaluation.classifier.LinearModel
     train_x: np.ndarray  # standardised real training features
     train_ids: np.ndarray
     copy_threshold: float
@@ -59,7 +59,7 @@ class RealScorer:
 
     @classmethod
     def fit(cls, store: RunStore, near_copy_quantile: float = 0.05, backbone=None, progress: bool = False) -> "RealScorer":
-        from .evaluate.classifier import tune_linear
+        from .evaluation.classifier import tune_linear
 
         info = store.labels()
         labels, multi = info["labels"], bool(info["multi_label"])

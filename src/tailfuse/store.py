@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -194,11 +195,26 @@ class ShardSet:
         return self.ids, (torch.cat(parts) if parts else torch.empty(0))
 
 
+_MPL_SET_BY_US: str | None = None
+
+
+def contain_matplotlib(run: Path) -> None:
+    """Keep matplotlib (imported by pytorch-grad-cam and the plots) from writing its font cache and config into the
+    user's home: its cache goes to ``<run>/.cache/matplotlib`` and it draws with the Agg backend. Only before
+    matplotlib is imported, and never over an MPLCONFIGDIR the user set."""
+    global _MPL_SET_BY_US
+    if "matplotlib" in sys.modules or os.environ.get("MPLCONFIGDIR", _MPL_SET_BY_US) != _MPL_SET_BY_US:
+        return
+    _MPL_SET_BY_US = os.environ["MPLCONFIGDIR"] = str(run.resolve() / ".cache" / "matplotlib")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
 class RunStore:
     """Paths and records of one run folder."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
+        contain_matplotlib(self.root)
 
     # --- paths
     @property

@@ -136,7 +136,13 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
             log.info(f"resuming '{name}' at phase {pos['phase'] + 1}/{len(phases)}, epoch {pos['epoch']}")
         total_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases)
         done_epochs = sum(cfg.epochs if p == "interaction" else cfg.imitation_epochs for p, _ in phases[: pos["phase"]]) + pos["epoch"]
-        bar = tqdm(total=total_epochs, initial=done_epochs, desc=f"train {name}", unit="epoch",
+        n_gen = 1 + max(g for _, g in phases)
+
+        def label(i: int) -> str:  # "train (generation 2/4, interaction)"; other models by name
+            ph, g = phases[min(i, len(phases) - 1)]
+            return f"{'train' if name == 'train' else name} (generation {g + 1}/{n_gen}, {ph})"
+
+        bar = tqdm(total=total_epochs, initial=done_epochs, desc=label(pos["phase"]), unit="epoch",
                    disable=not progress or not main, file=sys.stderr)
         tb = _tensorboard(folder / "tb", purge_step=len(pos["history"])) if main else None
         t0 = time.time()
@@ -144,6 +150,7 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
             while pos["phase"] < len(phases):
                 phase, gen = phases[pos["phase"]]
                 n_ep = cfg.epochs if phase == "interaction" else cfg.imitation_epochs
+                bar.set_description(label(pos["phase"]))
                 if pos["epoch"] == 0:
                     learner.begin_phase(phase, pos["phase"], gen)
                 for ep in range(pos["epoch"], n_ep):
@@ -190,10 +197,12 @@ def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = 
         torch.use_deterministic_algorithms(det)
 
     final = pos["history"][-1]
-    vae_name = enc["vae"]["name"]
+    vae_name = enc["vae"].get("name")
     try:
         from .codec import VAECodec
 
+        if not vae_name:  # latents given directly (the Python API): no VAE to decode with
+            raise TailfuseError("the run's latents were not made by a VAE")
         codec = VAECodec.load(vae_name, device=cfg.device if cfg.device else "cpu")
         final["psnr_val"] = decoded_psnr(learner.model.eval(), codec, z_va)
         rec["last"]["psnr_val"] = final["psnr_val"]
