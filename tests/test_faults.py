@@ -4,6 +4,7 @@ uninterrupted run, with no temporary file left; a full disk fails with one line 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -55,3 +56,22 @@ def test_a_full_disk_fails_with_one_line_and_the_next_run_resumes(tmp_path, isic
     a = sorted((tmp_path / "whole" / "latents").glob("*"))
     b = sorted((tmp_path / "full" / "latents").glob("*"))
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_temporary_files_of_a_killed_writer_are_swept_when_a_stage_starts(tmp_path):
+    """A SIGKILL during a write leaves '.<name>.tmp-<pid>' behind (the fault harness caught one in train/); the next
+    stage start removes those of dead processes and keeps a live writer's."""
+    import subprocess
+
+    from tailfuse.stage import Stage
+    from tailfuse.store import RunStore
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / "train").mkdir()
+    left = tmp_path / "train" / f".state.pt.tmp-{pid}"
+    left.write_bytes(b"half a checkpoint")
+    live = tmp_path / "train" / f".metrics.json.tmp-{os.getppid()}"
+    live.write_text("{}")
+    Stage.open(RunStore(tmp_path), "train", "h", what="a model")
+    assert not left.exists() and live.exists()

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from .dist import Dist, current
-from .store import RunStore, StageMismatch, now, write_json_atomic
+from .store import RunStore, StageMismatch, now, sweep_temporary, write_json_atomic
 
 log = logging.getLogger("tailfuse")
 
@@ -73,6 +73,9 @@ class Stage:
 
     @classmethod
     def _prepare(cls, store, name, config_hash, what, wipe, force, inputs, extra) -> None:
+        left = sweep_temporary(store.root)  # a kill mid-write leaves a temporary file: its process is gone
+        if left:
+            log.debug(f"removed {len(left)} temporary file(s) left by a killed process")
         rec = store.stage(name)
         if rec is not None and (force or rec.get("config_hash") != config_hash):
             if not force:

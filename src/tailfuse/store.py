@@ -195,6 +195,27 @@ class ShardSet:
         return self.ids, (torch.cat(parts) if parts else torch.empty(0))
 
 
+def sweep_temporary(root: Path) -> list[Path]:
+    """Remove the temporary files (``.<name>.tmp-<pid>...``, see atomic_file) that a process killed mid-write left in
+    the run folder: only those whose process is gone, so a live writer's file is never touched. Returns them."""
+    gone = []
+    for p in Path(root).rglob(".*.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1].split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 _MPL_SET_BY_US: str | None = None
 
 
