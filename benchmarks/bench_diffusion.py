@@ -35,7 +35,7 @@ from tailfuse.diffusion.train_prior import run_train_prior  # noqa: E402
 from tailfuse.fusion.stage import run_fuse  # noqa: E402
 from tailfuse.store import RunStore  # noqa: E402
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = {"progress": False}
 
 
 def timed(fn, *a, **k) -> float:
