@@ -45,7 +45,7 @@ def resolve_sizes(cfg: PriorConfig) -> PriorConfig:
 
     gpu = torch.device(cfg.device).type == "cuda"
     widths = cfg.block_out_channels or ([64, 128, 256] if gpu else [32, 64])
-    epochs = cfg.epochs or (400 if gpu else 40)
+    epochs = cfg.epochs or (400 if gpu else 160)
     return dataclasses.replace(cfg, block_out_channels=list(widths), epochs=int(epochs))
 
 
