@@ -21,7 +21,7 @@ from tailfuse.errors import TailfuseError
 from tailfuse.fusion.stage import latent_set, run_fuse
 from tailfuse.store import RunStore
 from tailfuse.train import run_train
-from tiny import tiny_autoencoder_tiny
+from tiny import coloured_manifest, tiny_autoencoder_tiny
 
 QUIET = dict(progress=False)
 TINY_PRIOR = dict(block_out_channels=[8, 16], epochs=3, batch_size=16)
@@ -30,20 +30,9 @@ TINY_PRIOR = dict(block_out_channels=[8, 16], epochs=3, batch_size=16)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A multi-class run (tiny VAE, 48 coloured random images at 64 px), a tiny sparse model, a fused set, a prior."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("diffusion")
     vae = str(tiny_autoencoder_tiny(root / "vae"))
-    rng = np.random.default_rng(0)
-    (root / "in" / "img").mkdir(parents=True)
-    rows = []
-    for i in range(48):
-        c = "t" if i % 5 == 1 else ("a" if i % 2 else "b")
-        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
-        img[:, :, "abt".index(c)] += 150
-        Image.fromarray(img).save(root / "in" / "img" / f"{i}.png")
-        rows.append({"path": f"img/{i}.png", "split": "train" if i < 36 else "val", **{k: int(k == c) for k in "abt"}})
-    pd.DataFrame(rows).to_csv(root / "in" / "m.csv", index=False)
+    coloured_manifest(root, 48, 36)
     run = root / "run"
     run_encode(DataConfig(data=str(root / "in" / "m.csv"), image_size=64, tail_labels=["t"]), VAEConfig(vae=vae),
                EncodeConfig(batch_size=16, shard_size=32), str(run), **QUIET)

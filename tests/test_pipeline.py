@@ -97,19 +97,10 @@ def test_two_processes_write_the_same_bytes_as_one(tmp_path):
     import subprocess
     import sys
 
-    from tiny import tiny_autoencoder_tiny
+    from tiny import coloured_manifest, tiny_autoencoder_tiny
 
     tiny_autoencoder_tiny(tmp_path / "vae")
-    rng = np.random.default_rng(0)
-    (tmp_path / "in" / "img").mkdir(parents=True)
-    rows = []
-    for i in range(60):
-        c = "t" if i % 5 == 1 else ("a" if i % 2 else "b")
-        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
-        img[:, :, "abt".index(c)] += 150
-        Image.fromarray(img).save(tmp_path / "in" / "img" / f"{i}.png")
-        rows.append({"path": f"img/{i}.png", "split": "train" if i < 48 else "val", **{k: int(k == c) for k in "abt"}})
-    pd.DataFrame(rows).to_csv(tmp_path / "in" / "m.csv", index=False)
+    coloured_manifest(tmp_path, 60, 48, seed=0)
     (tmp_path / "run.yaml").write_text(
         "train: {generations: 1, epochs: 1, k: 8, dim: 4, tau: 0.3, width_e: 8, blocks_e: 1, width_d: 8, blocks_d: 1, "
         "width_c: 8, batch_size: 16}\nencode: {batch_size: 8, shard_size: 16}\n"
@@ -143,19 +134,10 @@ def test_data_parallel_training_matches_one_process(tmp_path):
     import subprocess
     import sys
 
-    from tiny import tiny_autoencoder_tiny
+    from tiny import coloured_manifest, tiny_autoencoder_tiny
 
     tiny_autoencoder_tiny(tmp_path / "vae")
-    rng = np.random.default_rng(1)
-    (tmp_path / "in" / "img").mkdir(parents=True)
-    rows = []
-    for i in range(48):
-        c = "t" if i % 5 == 1 else ("a" if i % 2 else "b")
-        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
-        img[:, :, "abt".index(c)] += 150
-        Image.fromarray(img).save(tmp_path / "in" / "img" / f"{i}.png")
-        rows.append({"path": f"img/{i}.png", "split": "train" if i < 40 else "val", **{k: int(k == c) for k in "abt"}})
-    pd.DataFrame(rows).to_csv(tmp_path / "in" / "m.csv", index=False)
+    coloured_manifest(tmp_path, 48, 40, seed=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     base = [sys.executable, "-m", "tailfuse"]
     enc = ["encode", "--data", str(tmp_path / "in" / "m.csv"), "--vae", str(tmp_path / "vae"), "--image-size", "64",

@@ -44,3 +44,23 @@ def tiny_autoencoder_tiny(folder: Path) -> Path:
     )
     vae.save_pretrained(folder)
     return folder
+
+
+def coloured_manifest(root: Path, n: int, n_train: int, seed: int = 0) -> Path:
+    """``n`` random 64 px images in three classes a / b / t (t, the tail, every fifth image), each class brightening
+    its own colour channel; the first ``n_train`` are train, the rest val. Returns ``root/in/m.csv``."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "in" / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        c = "t" if i % 5 == 1 else ("a" if i % 2 else "b")
+        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
+        img[:, :, "abt".index(c)] += 150
+        Image.fromarray(img).save(root / "in" / "img" / f"{i}.png")
+        rows.append({"path": f"img/{i}.png", "split": "train" if i < n_train else "val", **{k: int(k == c) for k in "abt"}})
+    pd.DataFrame(rows).to_csv(root / "in" / "m.csv", index=False)
+    return root / "in" / "m.csv"
