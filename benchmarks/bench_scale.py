@@ -11,7 +11,7 @@ configuration runs in a fresh copy of the run (the saliency maps are recomputed 
 Grad-CAM maps of every training latent, the neighbour index, --fuse-count fused latents) and `tailfuse decode` of
 --decode of them, each as `tailfuse [--processes 2] ...` with OMP_NUM_THREADS=1. Peak RSS is read per process from
 /proc (max over a 0.2 s poll of the whole process tree); the neighbour index is the head pool's saliency maps
-(float32), whose size is stated. Writes benchmarks/results/scale.json and .md.
+(float32), whose size is stated. Writes benchmarks/results/scale[-<tag>].json and .md.
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=2000)
     ap.add_argument("--processes", default="1,2")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result files: scale-<tag>.json / .md")
     a = ap.parse_args()
     work = Path(a.work)
     base = build_run(Path(a.source), work, a.n)
@@ -212,8 +213,10 @@ def main() -> int:
            "speedup_2_over_1": speed, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
     out = Path(a.out)
-    (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = ["# Large run: fuse over many 4 x 64 x 64 latents, decode 2,000 (1 and 2 processes, one thread each)", "",
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"scale{'-' + a.tag if a.tag else ''}.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = [f"# Large run: fuse over {a.n:,} latents of 4 x 64 x 64, decode {a.decode:,} of them (processes: {a.processes}; "
+          "one thread each)", "",
           f"Command: `{res['command']}`", "",
           "| processes | stage | wall (s) | throughput | peak RSS per process (MB) |", "|---|---|---|---|---|"]
     for p, r in results.items():
@@ -226,7 +229,7 @@ def main() -> int:
     md += ["", f"Speed-up of 2 one-thread processes over 1: {speed}. Neighbour index (the head pool's maps, float32): "
            f"{results[min(results)]['neighbour_index_bytes'] / 2**20:.0f} MB. {platform.platform()}; load average at the "
            f"start {', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}."]
-    (out / "scale.md").write_text("\n".join(md) + "\n")
+    (out / f"scale{'-' + a.tag if a.tag else ''}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

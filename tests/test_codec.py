@@ -97,3 +97,25 @@ def test_taesd_round_trip_psnr_on_isic(taesd_path, isic_dir):
     mse = ((y - x) ** 2).mean(dim=(1, 2, 3))
     psnr = (10 * torch.log10(1 / mse)).mean().item()
     assert psnr > 27.0, psnr
+
+
+def test_large_batches_are_sliced_to_one_image_per_pass(taesd_path, isic_dir, monkeypatch):
+    """Above PIXELS_PER_PASS pixels a batch goes through the real TAESD one image at a time (diffusers' slicing),
+    with the same result as the batch at once; at the default 128 px a batch of 32 is one pass."""
+    from tailfuse import codec as codec_mod
+    from tailfuse.images import load_image
+
+    codec = VAECodec.load(str(taesd_path))
+    x = torch.stack([load_image(str(isic_dir / "images" / f"{i:05d}.png"), 128) for i in range(4)])
+    z = codec.encode(x)
+    assert codec.vae.use_slicing is False
+    whole = codec.decode(z)
+    assert codec.vae.use_slicing is False
+    calls = []
+    inner = codec.vae.decoder.forward
+    monkeypatch.setattr(codec.vae.decoder, "forward", lambda t: calls.append(len(t)) or inner(t))
+    monkeypatch.setattr(codec_mod, "PIXELS_PER_PASS", 2 * 128 * 128)  # as if the images were 4x the default
+    sliced = codec.decode(z)
+    assert codec.vae.use_slicing is True and calls == [1, 1, 1, 1]
+    assert torch.allclose(whole, sliced, atol=1e-5)
+    assert torch.allclose(codec.encode(x), z, atol=1e-5)

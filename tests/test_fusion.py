@@ -383,3 +383,30 @@ def test_pixel_detail_restores_the_original_pixels_of_unfused_regions(isic_dir, 
     far_t, far_h = (slice(None), slice(None), slice(None), slice(0, 24)), (slice(None), slice(None), slice(None), slice(104, 128))
     assert (out[far_t] - x_t[far_t]).abs().mean() < 0.5 * (dec[far_t] - x_t[far_t]).abs().mean()
     assert (out[far_h] - x_h[far_h]).abs().mean() < 0.5 * (dec[far_h] - x_h[far_h]).abs().mean()
+
+
+def test_exact_search_over_pool_blocks_equals_one_block(monkeypatch):
+    """The exact search compares a bounded block of the pool at a time and merges each block's best k: the result
+    is the one a single comparison against the whole pool gives (a duplicate map in another block is found too)."""
+    from tailfuse.fusion import neighbours
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.rand(300, 8, 8, generator=g)
+    pool[250] = pool[7]  # a duplicate in another block
+    queries = torch.cat([torch.rand(40, 8, 8, generator=g), pool[7:8] + 1e-3])
+    d1, p1 = nearest(queries, pool, 5, "exact")
+    monkeypatch.setattr(neighbours, "POOL_BLOCK_VALUES", 64 * 64)  # 64 maps per block: 5 blocks
+    d2, p2 = nearest(queries, pool, 5, "exact", block=16)
+    assert np.array_equal(p1[:-1], p2[:-1]) and np.allclose(d1, d2)
+    assert set(p2[-1, :2]) == {7, 250} and np.array_equal(p1[-1, 2:], p2[-1, 2:])  # the tie in either order
+
+
+def test_batches_hold_a_bounded_number_of_latent_positions():
+    """--batch-size holds at 16 x 16 (TAESD at 128 px); at Stable Diffusion's 64 x 64 a batch is capped at 32."""
+    from tailfuse.fusion.stage import _normalise, batch_for
+
+    assert batch_for(256, (4, 16, 16)) == 256 and batch_for(256, (4, 64, 64)) == 32 and batch_for(8, (4, 64, 64)) == 8
+    assert batch_for(256, (4, 1024, 1024)) == 1
+    maps = torch.rand(50, 6, 6, generator=torch.Generator().manual_seed(1))
+    for how in ("rank", "minmax"):
+        assert torch.equal(_normalise(maps, how, 1.0, block=7), _normalise(maps, how, 1.0, block=1024))

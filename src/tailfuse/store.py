@@ -119,7 +119,6 @@ class ShardSet:
         self.folder = Path(folder)
         self.files = list(files)
         self.id_key, self.key = id_key, key
-        self._handles: dict[int, Any] = {}
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_shards = cache_shards
         self._ids: list[np.ndarray] = []
@@ -169,7 +168,9 @@ class ShardSet:
                 yield sid[rows], t[torch.from_numpy(rows)]
 
     def get(self, ids: np.ndarray | list[int], key: str | None = None) -> torch.Tensor:
-        """Tensors for ``ids``, in the order given (memory-mapped row reads)."""
+        """Tensors for ``ids``, in the order given (memory-mapped row reads). Each shard file a call touches is
+        opened once and closed before returning, so the mapped pages of earlier calls do not pile up in the
+        process's memory over a long random-access run (fuse reads head latents from every shard)."""
         key = key or self.key
         ids = [int(i) for i in ids]
         missing = [i for i in ids if i not in self.index]
@@ -177,16 +178,19 @@ class ShardSet:
             raise KeyError(f"ids not in this shard set: {missing[:5]}")
         if not ids:
             return torch.empty((0, *self.shape))
-        rows = []
-        for i in ids:
+        rows: list[torch.Tensor | None] = [None] * len(ids)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for j, i in enumerate(ids):
             si, off = self.index[i]
             if si in self._cache:
-                rows.append(self._cache[si][key][off : off + 1])
-                continue
-            h = self._handles.get(si)
-            if h is None:
-                h = self._handles[si] = safe_open(str(self.folder / self.files[si]), framework="pt")
-            rows.append(h.get_slice(key)[off : off + 1])
+                rows[j] = self._cache[si][key][off : off + 1]
+            else:
+                by_shard.setdefault(si, []).append((j, off))
+        for si, wanted in by_shard.items():
+            with safe_open(str(self.folder / self.files[si]), framework="pt") as h:
+                sl = h.get_slice(key)
+                for j, off in wanted:
+                    rows[j] = sl[off : off + 1].clone()
         return torch.cat(rows)
 
     def load_all(self, key: str | None = None) -> tuple[np.ndarray, torch.Tensor]:

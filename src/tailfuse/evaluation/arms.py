@@ -43,42 +43,43 @@ def _model_done(store: RunStore, name: str) -> bool:
     return bool(rec and rec.get("generations_done"))
 
 
-def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
-    """Train 'train-no-imitation' with the 'train' model's settings when missing; returns seconds spent."""
-    if _model_done(store, "train-no-imitation") and (store.stage("train-no-imitation") or {}).get("status") == "done":
+def _ensure_trained(store: RunStore, cfg: EvaluateConfig, progress: bool, done: bool, section: str, config_cls,
+                    runner, overrides: dict, missing: str, why: str) -> float:
+    """Unless ``done``, train a model with the run's ``section`` settings from run.yaml (or the defaults) plus
+    ``overrides`` (or refuse, naming the ``missing`` model, under --no-train-missing); returns seconds spent."""
+    if done:
         return 0.0
     if not cfg.train_missing:
-        raise TailfuseError(f"run folder {store.root} has no model 'train-no-imitation'; run `tailfuse train --run "
-                            f"{store.root} --no-imitation` first, or leave the arm out with --arms.")
+        raise TailfuseError(f"run folder {store.root} has no {missing}")
+    known = {f.name for f in fields(config_cls)}
+    base = {k: v for k, v in (store.config().get(section) or {}).items() if k in known}
+    base.update(overrides)
+    log.info(f"evaluate: training {why}")
+    t = time.time()
+    runner(str(store.root), config_cls(**base), progress=progress)
+    return time.time() - t
+
+
+def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
+    """Train 'train-no-imitation' with the 'train' model's settings when missing; returns seconds spent."""
     from ..train import run_train
 
-    known = {f.name for f in fields(TrainConfig)}
-    base = {k: v for k, v in (store.config().get("train") or {}).items() if k in known}
-    base.update(no_imitation=True, name=None)
-    log.info("evaluate: training the 'train-no-imitation' model (the ablation arm needs it; same settings as 'train')")
-    t = time.time()
-    run_train(str(store.root), TrainConfig(**base), progress=progress)
-    return time.time() - t
+    done = _model_done(store, "train-no-imitation") and store.stage("train-no-imitation").get("status") == "done"
+    return _ensure_trained(
+        store, cfg, progress, done, "train", TrainConfig, run_train, {"no_imitation": True, "name": None},
+        f"model 'train-no-imitation'; run `tailfuse train --run {store.root} --no-imitation` first, or leave the arm "
+        "out with --arms.", "the 'train-no-imitation' model (the ablation arm needs it; same settings as 'train')")
 
 
 def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
     """Train the run's latent prior with its settings from run.yaml (or the defaults) when missing; seconds spent."""
-    rec = store.stage("prior")
-    if rec and rec.get("status") == "done":
-        return 0.0
-    if not cfg.train_missing:
-        raise TailfuseError(f"run folder {store.root} has no trained prior; run `tailfuse train-prior --run "
-                            f"{store.root}` first, or leave the diffusion arms out with --arms.")
     from ..config import PriorConfig
     from ..diffusion.train_prior import run_train_prior
 
-    known = {f.name for f in fields(PriorConfig)}
-    base = {k: v for k, v in (store.config().get("prior") or {}).items() if k in known}
-    base.update(name="prior")
-    log.info("evaluate: training the latent prior (the diffusion arms need it)")
-    t = time.time()
-    run_train_prior(str(store.root), PriorConfig(**base), progress=progress)
-    return time.time() - t
+    return _ensure_trained(
+        store, cfg, progress, (store.stage("prior") or {}).get("status") == "done", "prior", PriorConfig, run_train_prior, {"name": "prior"},
+        f"trained prior; run `tailfuse train-prior --run {store.root}` first, or leave the diffusion arms out with "
+        "--arms.", "the latent prior (the diffusion arms need it)")
 
 
 def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], arm: str) -> tuple[pd.DataFrame, list[int], dict]:

@@ -15,6 +15,36 @@ INDEX_KINDS = ("auto", "exact", "faiss-flat", "faiss-hnsw")
 AUTO_EXACT_MAX = 20000  # pools up to this size are searched exactly with torch
 
 
+POOL_BLOCK_VALUES = 1 << 25  # pool values (float64, 256 MiB) compared at once by the exact search
+
+
+def _exact(q: torch.Tensor, p: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search in float64, ``block`` queries against a block of the pool at a time (a block holds at most
+    POOL_BLOCK_VALUES values, so memory beyond the pool itself stays bounded; pools of up to 131,072 maps of
+    16 x 16 are one block). Per query the best k of each pool block are merged."""
+    pool_block = max(1, POOL_BLOCK_VALUES // max(1, p.shape[1]))
+    dists, pos = [], []
+    for i in range(0, len(q), block):
+        qi = q[i : i + block].double()
+        best_d, best_j = None, None
+        for a in range(0, len(p), pool_block):
+            d = torch.cdist(qi, p[a : a + pool_block].double())
+            v, j = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
+            j = j + a
+            if best_d is None:
+                best_d, best_j = v, j
+                continue
+            cd, cj = torch.cat([best_d, v], 1), torch.cat([best_j, j], 1)
+            # sort by (distance, position): a stable sort by position, then a stable sort by distance
+            o = torch.argsort(cj, dim=1, stable=True)
+            cd, cj = cd.gather(1, o), cj.gather(1, o)
+            o = torch.argsort(cd, dim=1, stable=True)[:, :k]
+            best_d, best_j = cd.gather(1, o), cj.gather(1, o)
+        dists.append(best_d.float())
+        pos.append(best_j)
+    return torch.cat(dists).numpy(), torch.cat(pos).numpy()
+
+
 def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, index: str = "auto", block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the k nearest pool rows: (distances Q x k, positions Q x k), nearest first."""
     if index not in INDEX_KINDS:
@@ -27,13 +57,7 @@ def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, index: str = "aut
     if index == "auto":
         index = "exact" if len(p) <= AUTO_EXACT_MAX else "faiss-hnsw"
     if index == "exact":
-        dists, pos = [], []
-        for i in range(0, len(q), block):
-            d = torch.cdist(q[i : i + block].double(), p.double())
-            v, j = torch.topk(d, k, dim=1, largest=False, sorted=True)
-            dists.append(v.float())
-            pos.append(j)
-        return torch.cat(dists).numpy(), torch.cat(pos).numpy()
+        return _exact(q, p, k, block)
     import faiss
 
     xb = np.ascontiguousarray(p.numpy(), dtype=np.float32)

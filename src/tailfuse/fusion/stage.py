@@ -35,6 +35,17 @@ from .neighbours import INDEX_KINDS, nearest
 from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, saliency_targets
 
 POLICIES = ("union", "kept", "tail")
+# latent positions (batch x h x w) one forward pass of the sparse model may hold: --batch-size 256 at 16 x 16 (TAESD
+# at 128 px) as before; at Stable Diffusion's 64 x 64 it is 32 per batch. Grad-CAM keeps about 10 MB per 64 x 64
+# map in activations and gradients, so batch 256 there peaked at 3.3 GB for one call (measured; 32: 0.56 GB)
+POSITIONS_PER_BATCH = 32 * 64 * 64
+
+
+def batch_for(batch_size: int, latent_shape) -> int:
+    """``batch_size`` capped so that a batch holds at most POSITIONS_PER_BATCH latent positions: memory per
+    batch does not grow with the latent size (the same maps and latents up to floating-point rounding)."""
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    return max(1, min(int(batch_size), POSITIONS_PER_BATCH // max(1, h * w)))
 
 
 def _validate(cfg: FuseConfig) -> None:
@@ -110,10 +121,11 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     train = samples[samples["split"] == "train"].reset_index(drop=True)
     shards = store.latents()
     device = next(model.parameters()).device
+    bs = batch_for(cfg.batch_size, shards.shape)
     probs = []
     with torch.no_grad():
-        for i in range(0, len(train), cfg.batch_size):
-            z = shards.get(train["sample_id"].to_numpy()[i : i + cfg.batch_size]).to(device)
+        for i in range(0, len(train), bs):
+            z = shards.get(train["sample_id"].to_numpy()[i : i + bs]).to(device)
             probs.append(model.probabilities(model.classify(model.code(z))).cpu())
     probs = torch.cat(probs).numpy()
     table = saliency_targets(train, labels, tail, probs)
@@ -128,8 +140,8 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
         for si in st.todo(list(range(len(starts)))):
             part = table.iloc[starts[si] : starts[si] + cfg.shard_size]
             maps = []
-            for b in range(0, len(part), cfg.batch_size):
-                sub = part.iloc[b : b + cfg.batch_size]
+            for b in range(0, len(part), bs):
+                sub = part.iloc[b : b + bs]
                 z = shards.get(sub["sample_id"].to_numpy()).to(device)
                 maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam, cfg.cam_layer).cpu())
                 bar.update(len(sub) * st.dist.world)
@@ -145,14 +157,21 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     return table, ShardSet(folder, files, id_key="row_id", key="maps"), folder
 
 
-def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0) -> torch.Tensor:
-    if smooth > 0:
-        maps = gaussian_smooth(maps, smooth)
-    if how == "rank":
-        return rank_normalise(maps)
-    flat = maps.reshape(len(maps), -1)
-    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-7)).reshape(maps.shape)
+def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0, block: int = 1024) -> torch.Tensor:
+    """Smoothed and normalised maps (float32), computed ``block`` maps at a time: the transient copies (rank
+    normalisation works in float64) stay bounded however large the head pool is; each map is normalised alone."""
+    out = torch.empty(maps.shape, dtype=torch.float32)
+    for a in range(0, len(maps), block):
+        m = maps[a : a + block]
+        if smooth > 0:
+            m = gaussian_smooth(m, smooth)
+        if how == "rank":
+            out[a : a + block] = rank_normalise(m)
+            continue
+        flat = m.reshape(len(m), -1)
+        lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        out[a : a + block] = ((flat - lo) / (hi - lo).clamp_min(1e-7)).reshape(m.shape)
+    return out
 
 
 def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseConfig, labels: list[str],
@@ -287,6 +306,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     n_neigh = neigh.groupby("tail_row")["rank"].max().add(1).to_dict()  # fewer in a small --neighbours-within group
     st.update(n_planned=len(items))
     shards = store.latents()
+    bs = batch_for(cfg.batch_size, shards.shape)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     files = [f"latents/{si:05d}.safetensors" for si in range(n_shards)]
     done = sum(int(v["n"]) for v in st.shards().values())
@@ -298,8 +318,8 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
             lo = si * cfg.shard_size
             chunk = items[lo : lo + cfg.shard_size]
             lats, masks, prov = [], [], []
-            for b in range(0, len(chunk), cfg.batch_size):
-                part = chunk[b : b + cfg.batch_size]
+            for b in range(0, len(chunk), bs):
+                part = chunk[b : b + bs]
                 ids = np.arange(lo + b, lo + b + len(part))
                 nrows = [nb[(row, rank % n_neigh[row])] for _, row, rank, *_ in part]
                 t_ids = [int(n.tail_sample_id) for n in nrows]
