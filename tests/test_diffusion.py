@@ -228,3 +228,20 @@ def test_diffusion_arms_in_evaluate(tmp_path, run_dir):
     assert {"tailfuse-refined[refine=3/10]", "prior-sample[steps=4]"} <= set(q)  # no images for feature-diffusion
     for name, s in q.items():
         assert 0 <= s["memorisation"]["share"] <= 1 and s["memorisation"]["n"] >= (2 if name.startswith("floor") else 4)
+
+
+def test_a_prior_trained_on_low_timesteps_refuses_schedules_beyond_them(tmp_path, run_dir):
+    """`train-prior --t-max 300`: refinement that starts below timestep 300 runs; one that starts above it, and
+    sampling from noise, are refused before any work with what to change."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("prior"))
+    (run / "stages" / "prior.json").unlink()
+    run_train_prior(str(run), PriorConfig(**{**TINY_PRIOR, "epochs": 1, "t_max": 300}), **QUIET)
+    assert json.loads((run / "prior" / "model" / "config.json").read_text())["t_range"] == [0, 300]
+    rec = run_refine(str(run), RefineConfig(refine="15/50", name="low"), **QUIET)  # starts at timestep 280
+    assert rec["status"] == "done"
+    with pytest.raises(TailfuseError, match="below 300 .*start at timestep 380"):
+        run_refine(str(run), RefineConfig(refine="20/50", name="high"), **QUIET)
+    assert not (run / "high").exists()
+    with pytest.raises(TailfuseError, match="--t-max"):
+        run_sample(str(run), {"t": 2}, steps=10, **QUIET)

@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
     g.add_argument("--label-dropout", type=float, help="probability of training without labels, for classifier-free guidance (default 0.15)")
     g.add_argument("--t-min", type=int, help="smallest training timestep (default 0)")
-    g.add_argument("--t-max", type=int, help="training timesteps below this (default 1000; refinement only visits low ones)")
+    g.add_argument("--t-max", type=int, help="training timesteps below this (default 1000, which sampling from noise needs; refinement at d/N <= 15/50 only "
+                   "visits t < 300, and --t-max 300 gave it a slightly better prior on ISIC2018-LT)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--device", help="cpu (default), cuda, ...")
     g.add_argument("--name", help="folder of the prior in the run (default prior)")

@@ -54,6 +54,19 @@ class PriorRefiner:
         self.scheduler = samplers.ddim_scheduler(self.model.scheduler())
         self.identity = {"refiner": f"prior:{name}", "refiner_sha256": self.sha}
         self.device = device
+        self.name = name
+
+    def check_steps(self, d: int, n: int) -> None:
+        """Refuse a schedule that starts at a timestep the prior never trained on (``train-prior --t-max``)."""
+        if d <= 0:
+            return
+        t_min, t_max = self.model.config.get("t_range", [0, self.model.config.get("num_train_timesteps", 1000)])
+        self.scheduler.set_timesteps(n)
+        first = int(self.scheduler.timesteps[n - d])
+        if first >= t_max:
+            raise TailfuseError(f"the prior '{self.name}' was trained on timesteps below {t_max} (--t-max), but {d} of {n} "
+                                f"steps start at timestep {first}; use fewer steps d, or train a prior with a larger --t-max "
+                                "(the default 1000 covers sampling from noise).")
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor, d: int, n: int, w: float, noise: torch.Tensor) -> torch.Tensor:
         if d == 0:
@@ -85,6 +98,8 @@ def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool 
             refiner = SDRefiner(store, cfg.sd, cfg.prompt_template, cfg.device)
         else:
             refiner = PriorRefiner(store, cfg.prior, cfg.device)
+    if hasattr(refiner, "check_steps"):
+        refiner.check_steps(d, n)
     out = store.root / cfg.out_name
     stage = f"refine-{cfg.out_name}"
     settings = {"d": d, "n": n, "guidance": cfg.guidance, "seed": cfg.seed, "prompt_template": cfg.prompt_template if cfg.sd else None}
@@ -169,6 +184,7 @@ def run_sample(run: str, per_label: dict[str, int], steps: int = 50, guidance: f
     store.require("encode")
     dist = current(device)
     refiner = PriorRefiner(store, prior, device)
+    refiner.check_steps(steps, steps)
     labels = store.labels()["labels"]
     out = store.root / name
     stage = f"sample-{name}"
