@@ -60,7 +60,7 @@ class PriorRefiner:
         """Refuse a schedule that starts at a timestep the prior never trained on (``train-prior --t-max``)."""
         if d <= 0:
             return
-        t_min, t_max = self.model.config.get("t_range", [0, self.model.config.get("num_train_timesteps", 1000)])
+        t_max = self.model.config.get("t_range", [0, self.model.config.get("num_train_timesteps", 1000)])[1]
         self.scheduler.set_timesteps(n)
         first = int(self.scheduler.timesteps[n - d])
         if first >= t_max:
@@ -82,7 +82,9 @@ class PriorRefiner:
 
 def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool = True, refiner=None) -> dict:
     """Refine the latent set ``cfg.source`` into ``cfg.out_name``; returns the stage record. ``refiner``: a loaded
-    refiner (default: the run's prior, or ``cfg.sd``). Shards are shared between processes."""
+    refiner (default: the run's prior, or ``cfg.sd``): it has ``identity`` (a dict recorded in provenance),
+    ``check_steps(d, n)`` (raises TailfuseError for a schedule it cannot run) and ``__call__(z, y, d, n, w, noise)``
+    (the refined latents), like PriorRefiner and SDRefiner. Shards are shared between processes."""
     d, n = cfg.steps()
     store = RunStore(run)
     store.require("encode")
@@ -98,8 +100,7 @@ def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool 
             refiner = SDRefiner(store, cfg.sd, cfg.prompt_template, cfg.device)
         else:
             refiner = PriorRefiner(store, cfg.prior, cfg.device)
-    if hasattr(refiner, "check_steps"):
-        refiner.check_steps(d, n)
+    refiner.check_steps(d, n)
     out = store.root / cfg.out_name
     stage = f"refine-{cfg.out_name}"
     settings = {"d": d, "n": n, "guidance": cfg.guidance, "seed": cfg.seed, "prompt_template": cfg.prompt_template if cfg.sd else None}

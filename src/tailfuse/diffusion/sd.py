@@ -88,6 +88,9 @@ class SDRefiner:
         self._cache: dict[str, torch.Tensor] = {}
         logging.getLogger("tailfuse").info(f"refine: Stable Diffusion model {root} (latent space agreement {agree:.3f})")
 
+    def check_steps(self, d: int, n: int) -> None:
+        """Every schedule is valid: a Stable Diffusion UNet is trained on all of its scheduler's timesteps."""
+
     def prompt(self, y: np.ndarray) -> str:
         return self.template.format(labels=", ".join(lab for lab, v in zip(self.labels, y) if v > 0))
 

@@ -43,43 +43,45 @@ def _model_done(store: RunStore, name: str) -> bool:
     return bool(rec and rec.get("generations_done"))
 
 
-def _ensure_trained(store: RunStore, cfg: EvaluateConfig, progress: bool, done: bool, section: str, config_cls,
-                    runner, overrides: dict, missing: str, why: str) -> float:
-    """Unless ``done``, train a model with the run's ``section`` settings from run.yaml (or the defaults) plus
-    ``overrides`` (or refuse, naming the ``missing`` model, under --no-train-missing); returns seconds spent."""
-    if done:
-        return 0.0
+def _train_like_run(store: RunStore, cfg: EvaluateConfig, what: str, section: str, config_cls, runner, overrides: dict,
+                    progress: bool) -> float:
+    """Train ``what`` with the run's ``section`` settings from run.yaml (or the defaults) plus ``overrides``, or refuse
+    under --no-train-missing (``what`` then names the command that trains it); returns seconds spent."""
     if not cfg.train_missing:
-        raise TailfuseError(f"run folder {store.root} has no {missing}")
+        raise TailfuseError(f"run folder {store.root} has no {what}")
     known = {f.name for f in fields(config_cls)}
     base = {k: v for k, v in (store.config().get(section) or {}).items() if k in known}
     base.update(overrides)
-    log.info(f"evaluate: training {why}")
+    log.info(f"evaluate: training the missing {what.split(';')[0]}")
     t = time.time()
     runner(str(store.root), config_cls(**base), progress=progress)
     return time.time() - t
 
 
 def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
-    """Train 'train-no-imitation' with the 'train' model's settings when missing; returns seconds spent."""
+    """Train 'train-no-imitation' (the ablation arm's model) with the 'train' model's settings when missing; returns
+    seconds spent."""
     from ..train import run_train
 
-    done = _model_done(store, "train-no-imitation") and store.stage("train-no-imitation").get("status") == "done"
-    return _ensure_trained(
-        store, cfg, progress, done, "train", TrainConfig, run_train, {"no_imitation": True, "name": None},
-        f"model 'train-no-imitation'; run `tailfuse train --run {store.root} --no-imitation` first, or leave the arm "
-        "out with --arms.", "the 'train-no-imitation' model (the ablation arm needs it; same settings as 'train')")
+    if _model_done(store, "train-no-imitation") and store.stage("train-no-imitation").get("status") == "done":
+        return 0.0
+    what = (f"model 'train-no-imitation'; run `tailfuse train --run {store.root} --no-imitation` first, or leave the "
+            "arm out with --arms.")
+    return _train_like_run(store, cfg, what, "train", TrainConfig, run_train, {"no_imitation": True, "name": None},
+                           progress)
 
 
 def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
-    """Train the run's latent prior with its settings from run.yaml (or the defaults) when missing; seconds spent."""
+    """Train the run's latent prior (the diffusion arms need it) with its settings from run.yaml (or the defaults)
+    when missing; returns seconds spent."""
     from ..config import PriorConfig
     from ..diffusion.train_prior import run_train_prior
 
-    return _ensure_trained(
-        store, cfg, progress, (store.stage("prior") or {}).get("status") == "done", "prior", PriorConfig, run_train_prior, {"name": "prior"},
-        f"trained prior; run `tailfuse train-prior --run {store.root}` first, or leave the diffusion arms out with "
-        "--arms.", "the latent prior (the diffusion arms need it)")
+    if (store.stage("prior") or {}).get("status") == "done":
+        return 0.0
+    what = (f"trained prior; run `tailfuse train-prior --run {store.root}` first, or leave the diffusion arms out "
+            "with --arms.")
+    return _train_like_run(store, cfg, what, "prior", PriorConfig, run_train_prior, {"name": "prior"}, progress)
 
 
 def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], arm: str) -> tuple[pd.DataFrame, list[int], dict]:

@@ -35,9 +35,8 @@ def _exact(q: torch.Tensor, p: torch.Tensor, k: int, block: int) -> tuple[np.nda
                 best_d, best_j = v, j
                 continue
             cd, cj = torch.cat([best_d, v], 1), torch.cat([best_j, j], 1)
-            # sort by (distance, position): a stable sort by position, then a stable sort by distance
-            o = torch.argsort(cj, dim=1, stable=True)
-            cd, cj = cd.gather(1, o), cj.gather(1, o)
+            # the kept best come from earlier pool blocks, so a stable sort by distance keeps the lower position
+            # first on a tie
             o = torch.argsort(cd, dim=1, stable=True)[:, :k]
             best_d, best_j = cd.gather(1, o), cj.gather(1, o)
         dists.append(best_d.float())
