@@ -30,6 +30,13 @@ def _need(path: Path, what: str) -> Path:
     pytest.skip(msg)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_threads():
+    """Two threads from the start, so module fixtures (trained before any test's own fixture) run like the tests do,
+    whatever OMP_NUM_THREADS says: a model trained with 1 thread differs in its last bits from one trained with 2."""
+    torch.set_num_threads(2)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
