@@ -15,12 +15,12 @@ INDEX_KINDS = ("auto", "exact", "faiss-flat", "faiss-hnsw")
 AUTO_EXACT_MAX = 20000  # pools up to this size are searched exactly with torch
 
 
-POOL_BLOCK_VALUES = 1 << 25  # pool values (float64, 256 MiB) compared at once by the exact search
+POOL_BLOCK_VALUES = 1 << 22  # float64 values of the pool compared at once (32 MiB): bounded, whatever the pool size
 
 
 def _exact(q: torch.Tensor, p: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact search in float64, ``block`` queries against a block of the pool at a time (a block holds at most
-    POOL_BLOCK_VALUES values, so memory beyond the pool itself stays bounded; pools of up to 131,072 maps of
+    POOL_BLOCK_VALUES values, so memory beyond the pool itself stays bounded; pools of up to 16,384 maps of
     16 x 16 are one block). Per query the best k of each pool block are merged."""
     pool_block = max(1, POOL_BLOCK_VALUES // max(1, p.shape[1]))
     dists, pos = [], []
