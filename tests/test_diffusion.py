@@ -140,7 +140,7 @@ def test_pure_sampling_makes_a_decodable_latent_set(tmp_path, run_dir):
     assert (table["tail_label"] == "t").all() and (table["t"] == 1).all() and (table["steps"] == 4).all()
     dec = run_decode(str(run), DecodeConfig(name="prior-sample"), **QUIET)
     assert dec["n_images"] == 5
-    with pytest.raises(TailfuseError, match="pixel detail needs a fused set"):
+    with pytest.raises(TailfuseError, match="--pixel-detail needs a fused set"):
         run_decode(str(run), DecodeConfig(name="prior-sample", pixel_detail=True), force=True, **QUIET)
 
 

@@ -333,6 +333,25 @@ def test_candidates_soft_labels_and_neighbours_within(tmp_path, trained):
     assert [c for c in man.columns if c.startswith("soft_")] == [f"soft_{lab}" for lab in labels]
     assert all((run / "cand" / p).is_file() for p in prov["path"])  # every candidate's image is kept for review
 
+    # the pixel composite control: every image is W x_tail + (1 - W) x_head of its source images, nothing decoded
+    from PIL import Image
+
+    from tailfuse.decode import pixel_composite
+    from tailfuse.images import load_image
+    from tailfuse.latentset import LatentSet
+
+    run_decode(str(run), DecodeConfig(name="cand", pixel_composite=True), force=True, **QUIET)
+    prov = pd.read_json(run / "cand" / "provenance.jsonl", lines=True)
+    assert prov["pixel_composite"].all() and not prov["pixel_detail"].any()
+    masks = LatentSet.open(RunStore(run), "cand").shards.get(prov["synth_id"].tolist(), key="mask")
+    for r, m in zip(prov.itertuples(), masks):
+        got = torch.from_numpy(np.asarray(Image.open(run / "cand" / r.path).convert("RGB"), dtype=np.float32) / 255)
+        src = lambda i: load_image(samples.loc[int(i), "abs_path"], got.shape[0])[None]  # noqa: E731
+        want = pixel_composite(m[None], float(r.feather), src(r.tail_sample_id), src(r.head_sample_id))[0]
+        assert (got.permute(2, 0, 1) - want).abs().max() <= 1 / 255 + 1e-6
+    with pytest.raises(TailfuseError, match="exclude each other"):
+        run_decode(str(run), DecodeConfig(name="cand", pixel_composite=True, pixel_detail=True), force=True, **QUIET)
+
 
 def test_select_samples_takes_the_best_eligible_candidate_per_slot():
     from tailfuse.decode import select_samples
@@ -383,6 +402,13 @@ def test_pixel_detail_restores_the_original_pixels_of_unfused_regions(isic_dir, 
     far_t, far_h = (slice(None), slice(None), slice(None), slice(0, 24)), (slice(None), slice(None), slice(None), slice(104, 128))
     assert (out[far_t] - x_t[far_t]).abs().mean() < 0.5 * (dec[far_t] - x_t[far_t]).abs().mean()
     assert (out[far_h] - x_h[far_h]).abs().mean() < 0.5 * (dec[far_h] - x_h[far_h]).abs().mean()
+    # the pixel composite (no decoder): each source's own pixels away from the border, a blend across it
+    from tailfuse.decode import pixel_composite
+
+    comp = pixel_composite(half, 1.0, x_t, x_h)
+    assert torch.allclose(comp[far_t], x_t[far_t], atol=1e-4) and torch.allclose(comp[far_h], x_h[far_h], atol=1e-4)
+    mid = comp[:, :, :, 62:66]
+    assert (mid - x_t[:, :, :, 62:66]).abs().mean() > 0.01 and (mid - x_h[:, :, :, 62:66]).abs().mean() > 0.01
 
 
 def test_exact_search_over_pool_blocks_equals_one_block(monkeypatch):

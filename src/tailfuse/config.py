@@ -173,6 +173,9 @@ class DecodeConfig:
     # add each source image's own codec error, x - decode(encode(x)), back wherever the (feathered, upsampled)
     # fusion mask takes that source: regions that were not fused keep their original pixels
     pixel_detail: bool = False
+    # the control of fusion without the VAE decoder: each image is the (feathered, upsampled) fusion mask's composite
+    # of its two source images in pixel space, W x_tail + (1 - W) x_head (saliency-guided CutMix); nothing is decoded
+    pixel_composite: bool = False
     # leave out of the manifest a sample closer to one real training image than real training images are to each
     # other (see scoring.py); near-copies are then also never chosen among a slot's candidates
     drop_near_copies: bool = False

@@ -56,24 +56,35 @@ def pixel_detail(decoded: torch.Tensor, take_tail: torch.Tensor, feather: float,
     return (decoded + w * (x_t - rt_t) + (1 - w) * (x_h - rt_h)).clamp(0, 1)
 
 
+def pixel_composite(take_tail: torch.Tensor, feather: float, x_t: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
+    """Fusion without the decoder: ``W x_t + (1 - W) x_h`` with W the latent-grid mask ``take_tail``, blurred by
+    ``feather`` and upsampled as in :func:`pixel_detail`."""
+    from .fusion.fuse import feather_weights
+
+    w = feather_weights(take_tail.bool(), feather)
+    w = F.interpolate(w, size=x_t.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    return (w * x_t + (1 - w) * x_h).clamp(0, 1)
+
+
 class _Sources:
     """Source images and their round trips for --pixel-detail, read at the run's size and resize policy."""
 
-    def __init__(self, store: RunStore, codec, ids: list[int], progress: bool, dist=None):
+    def __init__(self, store: RunStore, codec, ids: list[int], progress: bool, dist=None, roundtrips: bool = True):
         from .roundtrip import ensure_roundtrips
 
         info = store.labels()
         self.size = int(info.get("image_size") or (store.config().get("data") or {}).get("image_size") or 128)
         self.resize = (store.config().get("data") or {}).get("resize", "center-crop")
         self.abs_path = store.samples().set_index("sample_id")["abs_path"]
-        self.rt = dict(zip(ids, ensure_roundtrips(store, ids, codec, progress=progress, dist=dist)))
+        self.rt = dict(zip(ids, ensure_roundtrips(store, ids, codec, progress=progress, dist=dist))) if roundtrips else {}
 
-    def images(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(self, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The source images and (when loaded) their round trips."""
         from .images import load_image
         from .roundtrip import read_png01
 
         x = torch.stack([load_image(self.abs_path[int(i)], self.size, self.resize) for i in ids])
-        rt = torch.stack([read_png01(self.rt[int(i)]) for i in ids])
+        rt = torch.stack([read_png01(self.rt[int(i)]) for i in ids]) if self.rt else None
         return x, rt
 
 
@@ -99,6 +110,9 @@ def validate(cfg: DecodeConfig) -> None:
         raise TailfuseError(f"--near-copy-quantile {cfg.near_copy_quantile} must be in [0, 1).")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise TailfuseError("decode batch and shard sizes must be at least 1.")
+    if cfg.pixel_detail and cfg.pixel_composite:
+        raise TailfuseError("--pixel-detail and --pixel-composite exclude each other: a composite is not decoded, so "
+                            "it has no codec error to put back.")
 
 
 def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool = True, codec: VAECodec | None = None) -> dict:
@@ -122,10 +136,13 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     table = lset.table()
     n_candidates = int(table["candidate"].max()) + 1 if "candidate" in table.columns and len(table) else 1
     select = n_candidates > 1 or cfg.drop_near_copies
-    if cfg.pixel_detail and not {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns):
-        raise TailfuseError(f"pixel detail needs a fused set (its source images and masks); '{cfg.name}' was not made "
-                            "by fusion. Decode it without --pixel-detail.")
+    pixel = "--pixel-detail" if cfg.pixel_detail else "--pixel-composite" if cfg.pixel_composite else None
+    if pixel and not {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns):
+        raise TailfuseError(f"{pixel} needs a fused set (its source images and masks); '{cfg.name}' was not made "
+                            f"by fusion. Decode it without {pixel}.")
     settings = {"pixel_detail": cfg.pixel_detail}
+    if cfg.pixel_composite:  # the key only then, so earlier sets keep their hash
+        settings["pixel_composite"] = True
     grey = bool(labels_info.get("greyscale"))
     if grey:  # greyscale inputs: greyscale PNGs (the key only then, so colour runs keep their earlier hash)
         settings["greyscale"] = True
@@ -146,9 +163,9 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     paths = dict(zip(table["synth_id"], table["path"]))
     by_id = table.set_index("synth_id")
     sources = None
-    if cfg.pixel_detail:
+    if pixel:
         ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int)))
-        sources = _Sources(store, codec, ids, progress and dist.is_main, dist)
+        sources = _Sources(store, codec, ids, progress and dist.is_main, dist, roundtrips=cfg.pixel_detail)
     all_ids = table["synth_id"].to_numpy()
     chunks = [all_ids[a : a + cfg.shard_size] for a in range(0, len(all_ids), cfg.shard_size)]
     n_done = sum(int(v["n"]) for v in st.shards().values())
@@ -159,13 +176,17 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
             chunk = chunks[si]
             for a in range(0, len(chunk), cfg.batch_size):
                 ids = chunk[a : a + cfg.batch_size]
-                imgs = codec.decode(shards.get(ids))
-                if sources is not None:
+                if sources is None:
+                    imgs = codec.decode(shards.get(ids))
+                else:
                     rows = by_id.loc[ids]
                     x_t, rt_t = sources.images(rows["tail_sample_id"])
                     x_h, rt_h = sources.images(rows["head_sample_id"])
-                    imgs = pixel_detail(imgs.float().cpu(), shards.get(ids, key="mask"), float(rows["feather"].iloc[0]),
-                                        x_t, rt_t, x_h, rt_h)
+                    mask, feather = shards.get(ids, key="mask"), float(rows["feather"].iloc[0])
+                    if cfg.pixel_composite:
+                        imgs = pixel_composite(mask, feather, x_t, x_h)
+                    else:
+                        imgs = pixel_detail(codec.decode(shards.get(ids)).float().cpu(), mask, feather, x_t, rt_t, x_h, rt_h)
                 for sid, img in zip(ids, imgs):
                     p = out / paths[int(sid)]
                     p.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +220,8 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
         log.info(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
                  f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
     if dist.is_main:
-        _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"), cfg.pixel_detail,
+        _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"),
+                                       {"pixel_detail": cfg.pixel_detail, "pixel_composite": cfg.pixel_composite},
                                        labels_info.get("label_column"))
     extra = dist.broadcast(extra)
     n_kept = dist.broadcast(int(keep.sum()))
@@ -210,7 +232,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
 
 
 def _write_manifest_and_provenance(out: Path, table: pd.DataFrame, keep: np.ndarray, labels: list[str], path_col: str,
-                                   pixel: bool, label_column: str | None = None) -> None:
+                                   pixel: dict, label_column: str | None = None) -> None:
     chosen = table[keep]
     manifest = pd.DataFrame({path_col: chosen["path"].to_numpy(), "split": "synthetic"})
     if label_column:  # the input named classes in one column: so does the manifest ('A|B' for several)
@@ -229,6 +251,6 @@ def _write_manifest_and_provenance(out: Path, table: pd.DataFrame, keep: np.ndar
         d["labels"] = [lab for lab in labels if int(r[lab]) == 1]
         if soft_cols:
             d["soft_labels"] = {c[5:]: float(r[c]) for c in soft_cols}
-        d["pixel_detail"] = pixel
+        d.update(pixel)
         lines.append(json.dumps(d))
     write_text_atomic(out / "provenance.jsonl", "\n".join(lines) + "\n")
