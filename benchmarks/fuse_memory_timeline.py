@@ -5,7 +5,9 @@ fusion), in one process of one thread. A diagnostic for benchmarks/results/scale
 
 RUN: an encoded run with a trained model (e.g. a bench_scale.py base run; a fused set named `probe` is (re)made in
 it). --trim calls gc.collect() and glibc's malloc_trim(0) after every Grad-CAM batch, to tell memory in use from
-memory the allocator retains. VmRSS is polled every 0.3 s from /proc/self/status; prints the peak of each phase.
+memory the allocator retains (the figures measured before fuse did so itself; it now trims after every batch and
+collects after every shard, see release_memory in tailfuse/fusion/saliency.py). VmRSS is polled every 0.3 s from
+/proc/self/status; prints the peak of each phase.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ The maps are h x w (the latent grid), in [0, 1] (pytorch-grad-cam's min-max scal
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+
 import numpy as np
 import pandas as pd
 import torch
@@ -61,6 +65,26 @@ def saliency_targets(samples: pd.DataFrame, labels: list[str], tail: list[str], 
         best = max(present, key=lambda j: probs[i, j])
         rows.append({"sample_id": int(sid), "role": "head", "target": best})
     return pd.DataFrame(rows, columns=["sample_id", "role", "target"])
+
+
+_LIBC: list = []
+
+
+def release_memory(collect: bool = False) -> None:
+    """Give freed memory back to the operating system with glibc's ``malloc_trim`` where the C library has one
+    (Linux; elsewhere nothing), after a full garbage collection when ``collect`` (about 0.3 s with torch and
+    diffusers loaded, so once per shard, not per batch; the trim itself takes microseconds). Without it glibc keeps
+    the heap of every finished Grad-CAM batch, and a saliency pass held more the longer it ran: 1,610 MiB at 5,000
+    latents of 4 x 64 x 64 against 1,338 at 2,000 (benchmarks/results/scale-memory.md)."""
+    if collect:
+        gc.collect()
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim)
+        except (OSError, AttributeError, TypeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 def compute_maps(model: SparseModel, z: torch.Tensor, targets: list[int], method: str = "gradcam", layer: str = "full") -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..store import RunStore, ShardSet, file_sha256, save_tensors_atomic, write_
 log = logging.getLogger("tailfuse")
 from .fuse import draw_thresholds, fuse_latents, fusion_masks, plan, sample_generator
 from .neighbours import INDEX_KINDS, nearest
-from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, saliency_targets
+from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, release_memory, saliency_targets
 
 POLICIES = ("union", "kept", "tail")
 # latent positions (batch x h x w) one forward pass of the sparse model may hold: --batch-size 256 at 16 x 16 (TAESD
@@ -144,9 +144,12 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
                 sub = part.iloc[b : b + bs]
                 z = shards.get(sub["sample_id"].to_numpy()).to(device)
                 maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam, cfg.cam_layer).cpu())
+                release_memory()  # a long pass must not hold more memory than a short one
                 bar.update(len(sub) * st.dist.world)
             save_tensors_atomic(folder / files[si], {"maps": torch.cat(maps), "row_id": torch.from_numpy(part["row_id"].to_numpy().copy())})
             st.finish_shard(si, {"file": files[si], "n": len(part)})
+            del maps
+            release_memory(collect=True)
     finally:
         bar.close()
     if st.dist.is_main:
