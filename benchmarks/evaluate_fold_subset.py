@@ -1,0 +1,77 @@
+"""Evaluate arms on the fold runs of a finished `tailfuse evaluate --folds K` and pool the folds given, without
+retraining any sparse model: for arms added after the K-fold run (e.g. a new decode option), on some or all folds.
+
+    python benchmarks/evaluate_fold_subset.py OUT --folds-dir DIR --only 0,1,2 -- <tailfuse evaluate arguments>
+
+DIR holds the fold runs (`<run>/eval/folds-K-seed<s>/fold-k`, or a copy of them: an arm whose fused set was made by
+another version of the code is made again in DIR, so work on a copy to keep the K-fold run as it was). The evaluate
+arguments are the CLI's (`--run`, `--folds K`, `--arms`, `--seeds`, ...). Writes OUT/fold-k/results.{json,md} per
+fold and OUT/pooled/results.{json,md} (the folds' test predictions pooled, as `--folds` does). A fold whose
+OUT/fold-k/results.json exists with quality figures for the same arms reuses those figures (the classifier fits are
+cached by evaluate itself), so adding folds later costs only the new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch  # noqa: E402
+
+from tailfuse.config import SECTIONS, register_section, resolve  # noqa: E402
+from tailfuse.evaluation.cli_args import add_evaluate_parser  # noqa: E402
+from tailfuse.evaluation.config import EvaluateConfig  # noqa: E402
+from tailfuse.evaluation.folds import pool  # noqa: E402
+from tailfuse.evaluation.harness import _write, evaluate_split, summarise, validate  # noqa: E402
+from tailfuse.store import RunStore  # noqa: E402
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--folds-dir", required=True)
+    ap.add_argument("--only", required=True, help="comma-separated fold indices, e.g. 0,1,2")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv[:cut])
+    p = argparse.ArgumentParser()
+    add_evaluate_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args(["evaluate", *argv[cut + 1:]])
+    if "evaluate" not in SECTIONS:
+        register_section("evaluate", EvaluateConfig)
+    vals = {k: v for k, v in vars(args).items()
+            if v is not None and k not in ("run", "config", "quiet", "verbose", "processes", "force", "command")}
+    cfg = resolve("evaluate", None, vals)
+    specs = validate(cfg)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    inner = replace(cfg, folds=None)
+    raws = []
+    for i in [int(f) for f in a.only.split(",")]:
+        fold = RunStore(Path(a.folds_dir) / f"fold-{i}")
+        if (fold.stage("train") or {}).get("status") != "done":
+            raise SystemExit(f"fold {i}: no trained sparse model in {fold.root}")
+        saved = out / f"fold-{i}" / "results.json"
+        old = json.loads(saved.read_text()) if saved.is_file() else {}
+        reuse = bool(old.get("quality")) and set(old.get("arms", {})) == {s.name for s in specs}
+        raw = evaluate_split(fold, replace(inner, quality=False) if reuse else inner, specs, False, False)
+        if reuse:
+            raw["quality"] = old["quality"]
+        (out / f"fold-{i}").mkdir(parents=True, exist_ok=True)
+        _write(summarise(raw, inner, specs), out / f"fold-{i}")
+        raws.append(raw)
+        print(f"fold {i} done" + (" (quality figures reused)" if reuse else ""), flush=True)
+    (out / "pooled").mkdir(parents=True, exist_ok=True)
+    _write(summarise(pool(raws, len(raws), cfg), cfg, specs), out / "pooled")
+    print(f"pooled folds {a.only}: {out / 'pooled' / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
