@@ -220,9 +220,12 @@ def test_provenance_complete_and_consistent(tmp_path, trained):
         assert 0 < r.q1 < 1 and 0 < r.q2 < 1 and 0 <= r.tail_share <= 1
         assert len(r.model_sha256) == 64 and r.cam == "gradcam"
     man = pd.read_csv(run / "synthetic" / "manifest.csv")
-    assert list(man.columns) == ["path", "split", *labels] and (man["split"] == "synthetic").all()
+    soft = [f"soft_{lab}" for lab in labels]  # soft labels are on by default; the 0/1 columns stay
+    assert list(man.columns) == ["path", "split", *labels, *soft] and (man["split"] == "synthetic").all()
+    assert ((man[soft] >= 0) & (man[soft] <= 1)).all().all() and (man[soft].to_numpy() <= man[labels].to_numpy()).all()
     assert all((run / "synthetic" / p).is_file() for p in man["path"])
     prov = [json.loads(x) for x in (run / "synthetic" / "provenance.jsonl").read_text().splitlines()]
+    assert all(p["pixel_detail"] for p in prov)  # on by default for a fused set
     assert len(prov) == 14 and prov[3]["synth_id"] == 3 and set(prov[3]["labels"]) >= {prov[3]["tail_label"]}
     from PIL import Image
 

@@ -43,9 +43,13 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
     samples = store.samples().set_index("sample_id")
     syn = run / "synthetic"
     man = pd.read_csv(syn / "manifest.csv")
-    # the input's layout: its path column, split 'synthetic', one 0/1 column per label
-    assert list(man.columns) == ["path", "split", *labels] and (man["split"] == "synthetic").all()
-    assert man[labels].isin([0, 1]).all().all()
+    # the input's layout: its path column, split 'synthetic', one 0/1 column per label, then the soft targets (on
+    # by default): multi-class, a unit of label mass split between the tail label and the head image's label
+    soft = [f"soft_{lab}" for lab in labels]
+    assert list(man.columns) == ["path", "split", *labels, *soft] and (man["split"] == "synthetic").all()
+    assert man[labels].isin([0, 1]).all().all() and ((man[soft] >= 0) & (man[soft] <= 1)).all().all()
+    if not multi:
+        assert np.allclose(man[soft].sum(axis=1), 1.0)
     prov = [json.loads(x) for x in (syn / "provenance.jsonl").read_text().splitlines()]
     assert len(prov) == len(man) == PER_CLASS * len(tail)
     assert pd.Series([p["tail_label"] for p in prov]).value_counts().to_dict() == {lab: PER_CLASS for lab in tail}

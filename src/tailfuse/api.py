@@ -141,7 +141,7 @@ class TailFuseSampler(BaseSampler):
     _parameter_constraints: dict = {}
 
     def __init__(self, sampling_strategy="auto", *, labels_policy="union", neighbours=3, random_state=None, vae=None,
-                 device="cpu", run=None, input="auto", image_size=128, pixel_detail=False, generations=4, epochs=12,
+                 device="cpu", run=None, input="auto", image_size=128, pixel_detail=None, generations=4, epochs=12,
                  imitation_epochs=6, k=64, progress=False):
         self.sampling_strategy = sampling_strategy
         self.labels_policy = labels_policy

@@ -70,7 +70,7 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fill-prob", type=float, help="tail probability where the rule leaves the choice open (default 0.9)")
     g.add_argument("--neighbours-within", help="metadata column: head partners only among head images with the same value (e.g. view, cell_type, site)")
     g.add_argument("--candidates", type=int, help="candidates made per synthetic sample; decode keeps the best by the real-data classifier's probability of the tail label (default 1: no selection)")
-    g.add_argument("--soft-labels", action="store_true", default=None, help="soft targets by each source's share of the fused sample (columns soft_<label> in the manifest)")
+    g.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="soft targets by each source's share of the fused sample (columns soft_<label> in the manifest; default on, --no-soft-labels for hard labels only)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--name", help="output folder in the run (default synthetic)")
     _add_refine_flags(g)
@@ -92,7 +92,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decode_quality_args(g) -> None:
-    g.add_argument("--pixel-detail", action="store_true", default=None, help="add each source image's own codec error (x - decode(encode(x))) back where the fusion mask takes it: unfused regions keep their original pixels")
+    g.add_argument("--pixel-detail", action=argparse.BooleanOptionalAction, default=None, help="add each source image's own codec error (x - decode(encode(x))) back where the fusion mask takes it: unfused regions keep their original pixels (default: on for fused sets; --no-pixel-detail decodes the fused latents alone)")
     g.add_argument("--pixel-composite", action="store_true", default=None, help="a control without the decoder: each image is the fusion mask's composite of its two source images in pixel space (saliency-guided CutMix); nothing is decoded")
     g.add_argument("--drop-near-copies", action="store_true", default=None, help="leave near-copies of real training images out of the manifest (closer to one than real images are to each other)")
     g.add_argument("--near-copy-quantile", type=float, help="near-copy threshold: this quantile of the real images' nearest-other-image distances (default 0.05)")
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data (default union)")
     g.add_argument("--neighbours-within", help="metadata column: head partners only among head images with the same value")
     g.add_argument("--candidates", type=int, help="candidates per synthetic sample, the best kept (default 1)")
-    g.add_argument("--soft-labels", action="store_true", default=None, help="soft targets by each source's share")
+    g.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="soft targets by each source's share (default on)")
     g = p.add_argument_group("decode")
     _add_decode_quality_args(g)
 

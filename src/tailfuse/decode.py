@@ -110,7 +110,7 @@ def validate(cfg: DecodeConfig) -> None:
         raise TailfuseError(f"--near-copy-quantile {cfg.near_copy_quantile} must be in [0, 1).")
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise TailfuseError("decode batch and shard sizes must be at least 1.")
-    if cfg.pixel_detail and cfg.pixel_composite:
+    if cfg.pixel_detail is True and cfg.pixel_composite:
         raise TailfuseError("--pixel-detail and --pixel-composite exclude each other: a composite is not decoded, so "
                             "it has no codec error to put back.")
 
@@ -136,11 +136,13 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     table = lset.table()
     n_candidates = int(table["candidate"].max()) + 1 if "candidate" in table.columns and len(table) else 1
     select = n_candidates > 1 or cfg.drop_near_copies
-    pixel = "--pixel-detail" if cfg.pixel_detail else "--pixel-composite" if cfg.pixel_composite else None
-    if pixel and not {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns):
+    fused = {"tail_sample_id", "head_sample_id", "feather"} <= set(table.columns)
+    detail = cfg.pixel_detail if cfg.pixel_detail is not None else (fused and not cfg.pixel_composite)
+    pixel = "--pixel-detail" if detail else "--pixel-composite" if cfg.pixel_composite else None
+    if pixel and not fused:
         raise TailfuseError(f"{pixel} needs a fused set (its source images and masks); '{cfg.name}' was not made "
                             f"by fusion. Decode it without {pixel}.")
-    settings = {"pixel_detail": cfg.pixel_detail}
+    settings = {"pixel_detail": detail}
     if cfg.pixel_composite:  # the key only then, so earlier sets keep their hash
         settings["pixel_composite"] = True
     grey = bool(labels_info.get("greyscale"))
@@ -165,7 +167,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     sources = None
     if pixel:
         ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int)))
-        sources = _Sources(store, codec, ids, progress and dist.is_main, dist, roundtrips=cfg.pixel_detail)
+        sources = _Sources(store, codec, ids, progress and dist.is_main, dist, roundtrips=detail)
     all_ids = table["synth_id"].to_numpy()
     chunks = [all_ids[a : a + cfg.shard_size] for a in range(0, len(all_ids), cfg.shard_size)]
     n_done = sum(int(v["n"]) for v in st.shards().values())
@@ -221,7 +223,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
                  f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
     if dist.is_main:
         _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"),
-                                       {"pixel_detail": cfg.pixel_detail, "pixel_composite": cfg.pixel_composite},
+                                       {"pixel_detail": detail, "pixel_composite": cfg.pixel_composite},
                                        labels_info.get("label_column"))
     extra = dist.broadcast(extra)
     n_kept = dist.broadcast(int(keep.sum()))

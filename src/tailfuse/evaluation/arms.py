@@ -32,7 +32,7 @@ import pandas as pd
 from ..config import DecodeConfig, FuseConfig, TrainConfig, stable_hash
 from ..errors import TailfuseError
 from ..store import RunStore, StageMismatch, file_sha256, npz_save_atomic, write_csv_atomic
-from .config import FUSION_ARMS, ArmSpec, EvaluateConfig
+from .config import FUSION_ARM_DECODE, FUSION_ARMS, ArmSpec, EvaluateConfig
 from .resample import mlsmote, smote_multiclass
 
 log = logging.getLogger("tailfuse")
@@ -149,7 +149,7 @@ def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], 
         made["refine_seconds"] = rrec.get("seconds")
         identity["refine"] = rrec["config_hash"]
         settings.update(refine=rcfg.refine, guidance=rcfg.guidance)
-    dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, **dict(arm.decode))
+    dcfg = DecodeConfig(name=name, vae=cfg.vae, device=cfg.device, **{**FUSION_ARM_DECODE.get(arm.base, {}), **dict(arm.decode)})
     dec_rec = _decode(store, dcfg, force, progress)
     man, tail_label, short = _decoded_set(store, name, per_label, arm.name)
     made.update(n_used=len(man), decode_seconds=dec_rec.get("seconds"),

@@ -18,10 +18,13 @@ OPTIONAL_ARMS = ("tailfuse-kept", "tailfuse-refined", "prior-sample", "feature-d
 FUSION_ARMS = {
     "tailfuse": {"model": "train"},
     "tailfuse-no-imitation": {"model": "train-no-imitation"},
-    "reference": {"model": "train", "cam": "eigencam", "labels_policy": "tail"},
+    "reference": {"model": "train", "cam": "eigencam", "labels_policy": "tail", "soft_labels": False},
     "tailfuse-kept": {"model": "train", "labels_policy": "kept"},
     "tailfuse-refined": {"model": "train"},
 }
+# decode settings of the fusion arms that differ from DecodeConfig's defaults (the reference code decodes the fused
+# latents alone)
+FUSION_ARM_DECODE = {"reference": {"pixel_detail": False}}
 # refinement settings of the fusion arms (tailfuse-refined refines by default; any fusion arm with refine=d/N does)
 REFINE_DEFAULTS = {"tailfuse-refined": {"refine": "10/50", "guidance": 2.0}}
 # settings of the other diffusion arms, with their defaults
