@@ -8,7 +8,9 @@ another version of the code is made again in DIR, so work on a copy to keep the 
 arguments are the CLI's (`--run`, `--folds K`, `--arms`, `--seeds`, ...). Writes OUT/fold-k/results.{json,md} per
 fold and OUT/pooled/results.{json,md} (the folds' test predictions pooled, as `--folds` does). A fold whose
 OUT/fold-k/results.json exists with quality figures for the same arms reuses those figures (the classifier fits are
-cached by evaluate itself), so adding folds later costs only the new ones.
+cached by evaluate itself), so adding folds later costs only the new ones. ``--pairs 'A:B;C:D'`` adds the tail-mAP
+difference of arm A minus arm B on the pooled predictions, with the same paired bootstrap as the tables
+(OUT/pooled/pairs.json and a section at the end of results.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ from tailfuse.evaluation.harness import _write, evaluate_split, summarise, valid
 from tailfuse.store import RunStore  # noqa: E402
 
 
+def _pairs(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]]) -> list[dict]:
+    from tailfuse.evaluation import metrics as M
+
+    labels, tail = raw["meta"]["labels"], raw["meta"]["tail_labels"]
+    y = raw["y_test"]
+    tail_idx = [labels.index(lab) for lab in tail]
+    idx = M.bootstrap_indices(len(y), cfg.bootstrap, cfg.data_seed)
+    seeds = lambda arm: [raw["scores"][f"{arm}|main|{s}"] for s in cfg.seeds]  # noqa: E731
+    return [{"a": a, "b": b, **M.paired_bootstrap(y, seeds(a), seeds(b), tail_idx, idx)} for a, b in pairs]
+
+
 def main() -> int:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -39,6 +52,7 @@ def main() -> int:
     ap.add_argument("--folds-dir", required=True)
     ap.add_argument("--only", required=True, help="comma-separated fold indices, e.g. 0,1,2")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pairs", default="", help="A:B;C:D (';' between pairs: arm names may hold commas): tail-mAP differences arm A - arm B on the pooled predictions")
     a = ap.parse_args(argv[:cut])
     p = argparse.ArgumentParser()
     add_evaluate_parser(p.add_subparsers(dest="command"))
@@ -68,7 +82,19 @@ def main() -> int:
         raws.append(raw)
         print(f"fold {i} done" + (" (quality figures reused)" if reuse else ""), flush=True)
     (out / "pooled").mkdir(parents=True, exist_ok=True)
-    _write(summarise(pool(raws, len(raws), cfg), cfg, specs), out / "pooled")
+    pooled = pool(raws, len(raws), cfg)
+    _write(summarise(pooled, cfg, specs), out / "pooled")
+    if a.pairs:
+        pairs = _pairs(pooled, cfg, [tuple(x.split(":")) for x in a.pairs.split(";")])
+        (out / "pooled" / "pairs.json").write_text(json.dumps(pairs, indent=1))
+        lines = ["", "## Pairwise differences (pooled predictions)", "",
+                 "Tail mAP of arm A minus arm B, paired bootstrap over test images (seed-averaged), 95 % interval.", "",
+                 "| A | B | Δ tail mAP | 95 % interval | share of resamples A better |", "|---|---|---|---|---|"]
+        for p in pairs:
+            lines.append(f"| {p['a']} | {p['b']} | {p['mean']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                         f"{p['p_better']:.2f} |")
+        md = out / "pooled" / "results.md"
+        md.write_text(md.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
     print(f"pooled folds {a.only}: {out / 'pooled' / 'results.md'}")
     return 0
 
