@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import torch  # noqa: E402
 
-from tailfuse.config import SECTIONS, register_section, resolve  # noqa: E402
-from tailfuse.evaluation.cli_args import add_evaluate_parser  # noqa: E402
+from tailfuse.evaluation.cli_args import add_evaluate_parser, evaluate_config  # noqa: E402
 from tailfuse.evaluation.config import EvaluateConfig  # noqa: E402
 from tailfuse.evaluation.folds import pool  # noqa: E402
 from tailfuse.evaluation.harness import _write, evaluate_split, summarise, validate  # noqa: E402
@@ -57,11 +56,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     add_evaluate_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["evaluate", *argv[cut + 1:]])
-    if "evaluate" not in SECTIONS:
-        register_section("evaluate", EvaluateConfig)
-    vals = {k: v for k, v in vars(args).items()
-            if v is not None and k not in ("run", "config", "quiet", "verbose", "processes", "force", "command")}
-    cfg = resolve("evaluate", None, vals)
+    cfg = evaluate_config(args)
     specs = validate(cfg)
     torch.set_num_threads(a.threads)
     out = Path(a.out)

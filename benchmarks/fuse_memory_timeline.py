@@ -13,8 +13,6 @@ collects after every shard, see release_memory in tailfuse/fusion/saliency.py). 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import resource
 import sys
 import threading
@@ -27,6 +25,7 @@ import torch  # noqa: E402
 
 import tailfuse.fusion.stage as fs  # noqa: E402
 from tailfuse.config import FuseConfig  # noqa: E402
+from tailfuse.fusion.saliency import release_memory  # noqa: E402
 
 
 def rss_mb() -> int:
@@ -54,14 +53,12 @@ def main() -> int:
             time.sleep(0.3)
 
     threading.Thread(target=poll, daemon=True).start()
-    libc = ctypes.CDLL("libc.so.6") if a.trim else None
     compute_maps = fs.compute_maps
 
     def maps(*args, **kw):
         out = compute_maps(*args, **kw)
-        if libc is not None:
-            gc.collect()
-            libc.malloc_trim(0)
+        if a.trim:
+            release_memory(collect=True)
         return out
 
     def phase(name, fn):

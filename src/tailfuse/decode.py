@@ -42,6 +42,15 @@ def _image_relpath(row: pd.Series, labels: list[str], folder_layout: bool) -> st
     return f"images/{name}"
 
 
+def _mask_weights(take_tail: torch.Tensor, feather: float, size) -> torch.Tensor:
+    """W: the latent-grid mask ``take_tail`` (N x h x w, bool), blurred by ``feather`` like fuse's code mix and
+    upsampled (bilinear) to the image ``size``, in [0, 1]."""
+    from .fusion.fuse import feather_weights
+
+    w = feather_weights(take_tail.bool(), feather)
+    return F.interpolate(w, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
 def pixel_detail(decoded: torch.Tensor, take_tail: torch.Tensor, feather: float, x_t: torch.Tensor,
                  rt_t: torch.Tensor, x_h: torch.Tensor, rt_h: torch.Tensor) -> torch.Tensor:
     """Add each source's own codec error back where the fusion mask takes that source.
@@ -49,20 +58,14 @@ def pixel_detail(decoded: torch.Tensor, take_tail: torch.Tensor, feather: float,
     ``take_tail`` (N x h x w, bool) is the latent-grid mask, blurred by ``feather`` like fuse's code mix and
     upsampled (bilinear) to the image size: W. The result is ``decoded + W (x_t - rt_t) + (1 - W) (x_h - rt_h)``,
     clipped to [0, 1], with x the source images and rt their VAE round trips."""
-    from .fusion.fuse import feather_weights
-
-    w = feather_weights(take_tail.bool(), feather)
-    w = F.interpolate(w, size=decoded.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    w = _mask_weights(take_tail, feather, decoded.shape[-2:])
     return (decoded + w * (x_t - rt_t) + (1 - w) * (x_h - rt_h)).clamp(0, 1)
 
 
 def pixel_composite(take_tail: torch.Tensor, feather: float, x_t: torch.Tensor, x_h: torch.Tensor) -> torch.Tensor:
     """Fusion without the decoder: ``W x_t + (1 - W) x_h`` with W the latent-grid mask ``take_tail``, blurred by
     ``feather`` and upsampled as in :func:`pixel_detail`."""
-    from .fusion.fuse import feather_weights
-
-    w = feather_weights(take_tail.bool(), feather)
-    w = F.interpolate(w, size=x_t.shape[-2:], mode="bilinear", align_corners=False).clamp(0, 1)
+    w = _mask_weights(take_tail, feather, x_t.shape[-2:])
     return (w * x_t + (1 - w) * x_h).clamp(0, 1)
 
 

@@ -43,16 +43,17 @@ def _model_done(store: RunStore, name: str) -> bool:
     return bool(rec and rec.get("generations_done"))
 
 
-def _train_like_run(store: RunStore, cfg: EvaluateConfig, what: str, section: str, config_cls, runner, overrides: dict,
-                    progress: bool) -> float:
-    """Train ``what`` with the run's ``section`` settings from run.yaml (or the defaults) plus ``overrides``, or refuse
-    under --no-train-missing (``what`` then names the command that trains it); returns seconds spent."""
+def _train_like_run(store: RunStore, cfg: EvaluateConfig, what: str, hint: str, section: str, config_cls, runner,
+                    overrides: dict, progress: bool) -> float:
+    """Train the missing ``what`` with the run's ``section`` settings from run.yaml (or the defaults) plus
+    ``overrides``, or refuse under --no-train-missing with the ``hint`` (the command that trains it); returns seconds
+    spent."""
     if not cfg.train_missing:
-        raise TailfuseError(f"run folder {store.root} has no {what}")
+        raise TailfuseError(f"run folder {store.root} has no {what}; {hint}")
     known = {f.name for f in fields(config_cls)}
     base = {k: v for k, v in (store.config().get(section) or {}).items() if k in known}
     base.update(overrides)
-    log.info(f"evaluate: training the missing {what.split(';')[0]}")
+    log.info(f"evaluate: training the missing {what}")
     t = time.time()
     runner(str(store.root), config_cls(**base), progress=progress)
     return time.time() - t
@@ -65,10 +66,9 @@ def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bo
 
     if _model_done(store, "train-no-imitation") and store.stage("train-no-imitation").get("status") == "done":
         return 0.0
-    what = (f"model 'train-no-imitation'; run `tailfuse train --run {store.root} --no-imitation` first, or leave the "
-            "arm out with --arms.")
-    return _train_like_run(store, cfg, what, "train", TrainConfig, run_train, {"no_imitation": True, "name": None},
-                           progress)
+    hint = f"run `tailfuse train --run {store.root} --no-imitation` first, or leave the arm out with --arms."
+    return _train_like_run(store, cfg, "model 'train-no-imitation'", hint, "train", TrainConfig, run_train,
+                           {"no_imitation": True, "name": None}, progress)
 
 
 def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
@@ -79,9 +79,9 @@ def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
 
     if (store.stage("prior") or {}).get("status") == "done":
         return 0.0
-    what = (f"trained prior; run `tailfuse train-prior --run {store.root}` first, or leave the diffusion arms out "
-            "with --arms.")
-    return _train_like_run(store, cfg, what, "prior", PriorConfig, run_train_prior, {"name": "prior"}, progress)
+    hint = f"run `tailfuse train-prior --run {store.root}` first, or leave the diffusion arms out with --arms."
+    return _train_like_run(store, cfg, "trained prior", hint, "prior", PriorConfig, run_train_prior, {"name": "prior"},
+                           progress)
 
 
 def _decoded_set(store: RunStore, name: str, per_label: dict[str, int], arm: str) -> tuple[pd.DataFrame, list[int], dict]:

@@ -112,16 +112,22 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(x) for x in parts)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def evaluate_config(args: argparse.Namespace) -> EvaluateConfig:
+    """The EvaluateConfig of parsed `tailfuse evaluate` arguments (flags over the --config file's section)."""
     from ..config import SECTIONS, load_yaml, register_section, resolve
-    from .harness import run_evaluate
 
     if "evaluate" not in SECTIONS:
         register_section("evaluate", EvaluateConfig)
     doc = load_yaml(args.config) if getattr(args, "config", None) else None
     vals = {k: v for k, v in vars(args).items()
             if v is not None and k not in ("run", "config", "quiet", "verbose", "processes", "force", "command")}
-    cfg = resolve("evaluate", doc, vals)
+    return resolve("evaluate", doc, vals)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .harness import run_evaluate
+
+    cfg = evaluate_config(args)
     res = run_evaluate(args.run, cfg, force=bool(args.force), progress=not args.quiet, command=_command(args))
     args.output = res["output"]  # for callers (benchmarks/bench_evaluate.py)
     rows = []

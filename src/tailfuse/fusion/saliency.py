@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 
 import numpy as np
@@ -67,7 +68,13 @@ def saliency_targets(samples: pd.DataFrame, labels: list[str], tail: list[str], 
     return pd.DataFrame(rows, columns=["sample_id", "role", "target"])
 
 
-_LIBC: list = []
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def release_memory(collect: bool = False) -> None:
@@ -78,13 +85,9 @@ def release_memory(collect: bool = False) -> None:
     latents of 4 x 64 x 64 against 1,338 at 2,000 (benchmarks/results/scale-memory.md)."""
     if collect:
         gc.collect()
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim)
-        except (OSError, AttributeError, TypeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def compute_maps(model: SparseModel, z: torch.Tensor, targets: list[int], method: str = "gradcam", layer: str = "full") -> torch.Tensor:
