@@ -10,7 +10,8 @@ fold and OUT/pooled/results.{json,md} (the folds' test predictions pooled, as `-
 OUT/fold-k/results.json exists with quality figures for the same arms reuses those figures (the classifier fits are
 cached by evaluate itself), so adding folds later costs only the new ones. ``--pairs 'A:B;C:D'`` adds the tail-mAP
 difference of arm A minus arm B on the pooled predictions, with the same paired bootstrap as the tables
-(OUT/pooled/pairs.json and a section at the end of results.md).
+(OUT/pooled/pairs.json and a section at the end of results.md; `compare_arms.py` does the same for any finished
+evaluation).
 """
 
 from __future__ import annotations
@@ -26,21 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import torch  # noqa: E402
 
 from tailfuse.evaluation.cli_args import add_evaluate_parser, evaluate_config  # noqa: E402
-from tailfuse.evaluation.config import EvaluateConfig  # noqa: E402
 from tailfuse.evaluation.folds import pool  # noqa: E402
-from tailfuse.evaluation.harness import _write, evaluate_split, summarise, validate  # noqa: E402
+from tailfuse.evaluation.harness import _write, evaluate_split, save_scores, summarise, validate  # noqa: E402
 from tailfuse.store import RunStore  # noqa: E402
 
-
-def _pairs(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]]) -> list[dict]:
-    from tailfuse.evaluation import metrics as M
-
-    labels, tail = raw["meta"]["labels"], raw["meta"]["tail_labels"]
-    y = raw["y_test"]
-    tail_idx = [labels.index(lab) for lab in tail]
-    idx = M.bootstrap_indices(len(y), cfg.bootstrap, cfg.data_seed)
-    seeds = lambda arm: [raw["scores"][f"{arm}|main|{s}"] for s in cfg.seeds]  # noqa: E731
-    return [{"a": a, "b": b, **M.paired_bootstrap(y, seeds(a), seeds(b), tail_idx, idx)} for a, b in pairs]
+from compare_arms import pair_rows, pairs_markdown, parse_pairs  # noqa: E402  (benchmarks/, beside this script)
 
 
 def main() -> int:
@@ -78,18 +69,13 @@ def main() -> int:
         print(f"fold {i} done" + (" (quality figures reused)" if reuse else ""), flush=True)
     (out / "pooled").mkdir(parents=True, exist_ok=True)
     pooled = pool(raws, len(raws), cfg)
-    _write(summarise(pooled, cfg, specs), out / "pooled")
+    save_scores(pooled, out / "pooled")
+    results = _write(summarise(pooled, cfg, specs), out / "pooled")
     if a.pairs:
-        pairs = _pairs(pooled, cfg, [tuple(x.split(":")) for x in a.pairs.split(";")])
-        (out / "pooled" / "pairs.json").write_text(json.dumps(pairs, indent=1))
-        lines = ["", "## Pairwise differences (pooled predictions)", "",
-                 "Tail mAP of arm A minus arm B, paired bootstrap over test images (seed-averaged), 95 % interval.", "",
-                 "| A | B | Δ tail mAP | 95 % interval | share of resamples A better |", "|---|---|---|---|---|"]
-        for p in pairs:
-            lines.append(f"| {p['a']} | {p['b']} | {p['mean']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
-                         f"{p['p_better']:.2f} |")
+        rows = pair_rows(pooled, cfg, parse_pairs(a.pairs))
+        (out / "pooled" / "pairs.json").write_text(json.dumps(rows, indent=1))
         md = out / "pooled" / "results.md"
-        md.write_text(md.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+        md.write_text(md.read_text().rstrip("\n") + "\n\n" + pairs_markdown(rows, results.get("quality")))
     print(f"pooled folds {a.only}: {out / 'pooled' / 'results.md'}")
     return 0
 

@@ -59,6 +59,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -395,22 +396,38 @@ def _summary_of(ts: TrainSet, n_real: int, labels: list[str]) -> dict:
             "train_positives_per_label": {lab: round(float(ts.y[:, j].sum()), 2) for j, lab in enumerate(labels)}}
 
 
+def seed_scores(raw: dict, cfg: EvaluateConfig, name: str, bkey: str = MAIN) -> list:
+    """The test scores of arm ``name`` at budget ``bkey``, one array per seed of ``cfg.seeds``."""
+    return [raw["scores"][f"{name}|{bkey}|{s}"] for s in cfg.seeds]
+
+
+def tail_delta(raw: dict, cfg: EvaluateConfig):
+    """The tables' tail-mAP difference on raw predictions, as a function ``delta(arm, budget, control,
+    control_budget=MAIN)``: arm minus control, paired bootstrap over test images with the seeds averaged, the same
+    resamples (``cfg.bootstrap`` of them, seed ``cfg.data_seed``) for every pair; it returns None when
+    ``cfg.bootstrap`` is 0."""
+    meta = raw["meta"]
+    y = raw["y_test"]
+    tail_idx = [meta["labels"].index(lab) for lab in meta["tail_labels"]]
+    boot_idx = M.bootstrap_indices(len(y), cfg.bootstrap, cfg.data_seed) if cfg.bootstrap else None
+
+    def delta(name: str, bkey: str, control: str, control_bkey: str = MAIN) -> dict | None:
+        if boot_idx is None:
+            return None
+        return M.paired_bootstrap(y, seed_scores(raw, cfg, name, bkey), seed_scores(raw, cfg, control, control_bkey),
+                                  tail_idx, boot_idx)
+
+    return delta
+
+
 def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
     """Tables from raw predictions: per arm at the main budget, the controls' paired differences, the sweep."""
     meta = raw["meta"]
     labels, head, tail, multi = meta["labels"], meta["head_labels"], meta["tail_labels"], meta["multi_label"]
     y = raw["y_test"]
-    tail_idx = [labels.index(lab) for lab in tail]
-    boot_idx = M.bootstrap_indices(len(y), cfg.bootstrap, cfg.data_seed) if cfg.bootstrap else None
     names = [s.name for s in specs]
-
-    def seeds_of(name, bkey):
-        return [raw["scores"][f"{name}|{bkey}|{s}"] for s in cfg.seeds]
-
-    def delta(name, bkey, control, control_bkey=MAIN):
-        if boot_idx is None:
-            return None
-        return M.paired_bootstrap(y, seeds_of(name, bkey), seeds_of(control, control_bkey), tail_idx, boot_idx)
+    seeds_of = partial(seed_scores, raw, cfg)
+    delta = tail_delta(raw, cfg)
 
     arms = {}
     keys = ["map_all", "map_head", "map_tail", "auroc_macro"] + (["balanced_accuracy", "accuracy"] if not multi else [])
@@ -481,6 +498,13 @@ def _write(results: dict, out_dir) -> dict:
     return results
 
 
+def save_scores(raw: dict, out_dir) -> None:
+    """The test predictions behind the tables: ``scores.npz`` with ``y_test``, ``test_ids`` and one array per arm,
+    budget and seed (key ``<arm>__<budget>__<seed>``), for pairwise comparisons after the fact."""
+    npz_save_atomic(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
+                    **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
+
+
 def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True,
                  command: str | None = None) -> dict:
     specs = validate(cfg)
@@ -505,8 +529,7 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     results["output"] = str(out_dir)
     results["timings"]["total_seconds"] = round(time.time() - t_start, 1)
     results["timings"]["evaluation_seconds"] = round(time.time() - t_start - sum((results["timings"].get("extra") or {}).values()), 1)
-    npz_save_atomic(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
-              **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
+    save_scores(raw, out_dir)
     results = _write(results, out_dir)
     log.info(f"evaluate: wrote {out_dir / 'results.json'} and results.md in {time.time() - t_start:.0f} s")
     return results
