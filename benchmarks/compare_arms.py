@@ -7,13 +7,14 @@ RESULTS_DIR is the folder with the evaluation's results.json and scores.npz (`<r
 vae-roundtrip); this gives arm A minus arm B for any pair, e.g. one fusion setting against another, with the same
 paired bootstrap over test images (seed-averaged, the evaluation's own resample count and seed). FID and
 separability AUC of both arms are shown beside it when the evaluation measured them. Prints a markdown table;
-``--out`` appends it to a file as a section.
+``--out`` appends it to a file as a section, with the command; ``--json`` stores the pairs under the key 'pairs'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,13 +89,21 @@ def main() -> int:
     ap.add_argument("results_dir", type=Path)
     ap.add_argument("--pairs", required=True, help="A:B;C:D (';' between pairs: arm names may hold commas)")
     ap.add_argument("--out", type=Path, help="markdown file to append the table to")
+    ap.add_argument("--json", type=Path, help="JSON file to store the pairs in (key 'pairs'; an existing file keeps its other keys)")
     a = ap.parse_args()
     raw, cfg, res = load(a.results_dir)
-    md = pairs_markdown(pair_rows(raw, cfg, parse_pairs(a.pairs)), res.get("quality"))
+    rows = pair_rows(raw, cfg, parse_pairs(a.pairs))
+    md = pairs_markdown(rows, res.get("quality"))
     print(md)
     if a.out:
         old = a.out.read_text().rstrip("\n") + "\n\n" if a.out.is_file() else ""
-        a.out.write_text(old + md)
+        cmd = "python benchmarks/compare_arms.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+        a.out.write_text(old + md + f"\nMade by `{cmd}`.\n")
+    if a.json:
+        doc = json.loads(a.json.read_text()) if a.json.is_file() else {}
+        doc["pairs"] = {"command": "python benchmarks/compare_arms.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+                        "rows": rows}
+        a.json.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     return 0
 
 
