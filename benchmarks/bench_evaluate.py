@@ -116,7 +116,7 @@ def main() -> int:
             f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; load average at the "
             f"start {', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}).\n" + (f"\n{a.note}\n" if a.note else ""))
     (out / f"evaluate-{a.tag}.md").write_text(md + note)
-    for png in sorted(res_dir.glob("*.png")):
+    for png in sorted(Path(x) for x in res.get("plots") or []):  # this evaluation's plots, not older ones beside them
         shutil.copy(png, out / f"evaluate-{a.tag}-{png.name}")
     print(f"benchmark: wrote {out / f'evaluate-{a.tag}.json'} and .md ({wall / 60:.1f} min)")
     return 0
