@@ -1,6 +1,6 @@
 """Paired tail-mAP differences between any two arms of a finished `tailfuse evaluate`, from its saved predictions.
 
-    python benchmarks/compare_arms.py RESULTS_DIR --pairs 'A:B;C:D' [--out FILE.md]
+    python benchmarks/compare_arms.py RESULTS_DIR --pairs 'A:B;C:D' [--out FILE.md] [--json FILE.json]
 
 RESULTS_DIR is the folder with the evaluation's results.json and scores.npz (`<run>/eval`, or the pooled folder of a
 `--folds K` evaluation). The tables of `tailfuse evaluate` give each arm against the controls (real, oversample,
@@ -95,14 +95,13 @@ def main() -> int:
     rows = pair_rows(raw, cfg, parse_pairs(a.pairs))
     md = pairs_markdown(rows, res.get("quality"))
     print(md)
+    cmd = "python benchmarks/compare_arms.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     if a.out:
         old = a.out.read_text().rstrip("\n") + "\n\n" if a.out.is_file() else ""
-        cmd = "python benchmarks/compare_arms.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
         a.out.write_text(old + md + f"\nMade by `{cmd}`.\n")
     if a.json:
         doc = json.loads(a.json.read_text()) if a.json.is_file() else {}
-        doc["pairs"] = {"command": "python benchmarks/compare_arms.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
-                        "rows": rows}
+        doc["pairs"] = {"command": cmd, "rows": rows}
         a.json.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     return 0
 
