@@ -18,12 +18,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from tailfuse.evaluation.config import EvaluateConfig  # noqa: E402
-from tailfuse.evaluation.harness import MAIN, tail_delta  # noqa: E402
+from tailfuse.evaluation.harness import MAIN, load_scores, tail_delta  # noqa: E402
 
 
 def pair_rows(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]]) -> list[dict]:
@@ -76,11 +74,10 @@ def load(results_dir: Path) -> tuple[dict, EvaluateConfig, dict]:
         if not f.is_file():
             raise SystemExit(f"{f} is missing: give the folder of a finished `tailfuse evaluate`")
     res = json.loads(res_file.read_text())
-    z = np.load(npz_file)
-    scores = {k.replace("__", "|"): z[k] for k in z.files if k not in ("y_test", "test_ids")}
     proto = res["protocol"]
-    cfg = EvaluateConfig(seeds=list(proto["seeds"]), bootstrap=int((proto["bootstrap"] or {}).get("resamples", 0)), data_seed=int(proto["data_seed"]))
-    raw = {"meta": res["dataset"], "y_test": z["y_test"], "scores": scores}
+    cfg = EvaluateConfig(seeds=list(proto["seeds"]), bootstrap=int((proto["bootstrap"] or {}).get("resamples", 0)),
+                         data_seed=int(proto["data_seed"]))
+    raw = {"meta": res["dataset"], **load_scores(results_dir)}
     return raw, cfg, res
 
 

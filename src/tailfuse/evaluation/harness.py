@@ -60,6 +60,7 @@ import sys
 import time
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -503,6 +504,13 @@ def save_scores(raw: dict, out_dir) -> None:
     budget and seed (key ``<arm>__<budget>__<seed>``), for pairwise comparisons after the fact."""
     npz_save_atomic(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
                     **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
+
+
+def load_scores(out_dir) -> dict:
+    """What ``save_scores`` wrote: ``{"y_test", "test_ids", "scores": {"<arm>|<budget>|<seed>": array}}``."""
+    with np.load(Path(out_dir) / "scores.npz") as z:
+        return {"y_test": z["y_test"], "test_ids": z["test_ids"],
+                "scores": {k.replace("__", "|"): z[k] for k in z.files if k not in ("y_test", "test_ids")}}
 
 
 def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True,
