@@ -233,6 +233,41 @@ def test_provenance_complete_and_consistent(tmp_path, trained):
         assert im.size == (64, 64) and im.mode == "RGB"
 
 
+def test_saliency_targets_in_the_stage_match_the_classifier_where_it_has_to_choose(tmp_path, trained):
+    """The stage asks C only about head samples that carry two or more head labels: its targets are the ones the
+    probabilities of every training sample give (saliency_targets on a full pass), and the data has such samples."""
+    from tailfuse.fusion.stage import model_identity
+    from tailfuse.sparse.nets import SparseModel
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _fuse(run)
+    store = RunStore(run)
+    labels, tail = ["a", "b", "t1", "t2"], ["t1", "t2"]
+    train = store.samples().query("split == 'train'").reset_index(drop=True)
+    assert ((train[["a", "b"]].sum(axis=1) == 2) & (train[tail].sum(axis=1) == 0)).sum() >= 5
+    gen, _ = model_identity(store, FuseConfig().model, None)
+    model = SparseModel.from_run(store, FuseConfig().model, gen)
+    with torch.no_grad():
+        z = store.latents().get(train["sample_id"].to_numpy())
+        probs = model.probabilities(model.classify(model.code(z))).numpy()
+    want = saliency_targets(train, labels, tail, probs)
+    got = pd.read_csv(next((run / "saliency").glob("*/maps.csv")))
+    pd.testing.assert_frame_equal(got[["sample_id", "role", "target"]], want, check_dtype=False)
+
+
+def test_fixed_mmap_threshold_is_set_on_glibc_and_a_user_setting_is_kept(monkeypatch):
+    import platform
+
+    from tailfuse.fusion.saliency import fix_mmap_threshold
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert fix_mmap_threshold() is False  # the user's own threshold stays
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert fix_mmap_threshold() is True
+
+
 def test_tail_label_policy_and_balance_to(tmp_path, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 
 import numpy as np
 import pandas as pd
@@ -69,12 +70,32 @@ def saliency_targets(samples: pd.DataFrame, labels: list[str], tail: list[str], 
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none."""
+def _libc():
+    """The C library (ctypes), or None where it cannot be loaded."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
         return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve every allocation of ``nbytes`` or more with its own mmap from now on (glibc's ``mallopt``), so that
+    freeing it gives the memory back to the operating system at once. True when set; False where the C library has
+    no ``mallopt`` (not glibc) or the user chose a threshold with ``MALLOC_MMAP_THRESHOLD_`` (theirs is kept).
+
+    glibc starts at 128 KiB but raises the threshold each time a mapped block is freed (up to 32 MiB), after which
+    the Grad-CAM batches' large tensors come from the heap, which fragments and is only partly trimmed: the
+    neighbour search that follows then stacks on what the saliency pass left held, and fuse's peak grew with the
+    run (1,313 -> 1,487 MB ru_maxrss from 2,000 to 5,000 latents of 4 x 64 x 64; with a fixed threshold it grows
+    by about the neighbour index; benchmarks/results/scale-memory.md). A fixed 1 MiB costs about 10 % of the
+    saliency pass's speed (page faults on fresh mappings), 128 KiB about 20 %."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    mallopt = getattr(_libc(), "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1)
 
 
 def release_memory(collect: bool = False) -> None:
@@ -85,7 +106,7 @@ def release_memory(collect: bool = False) -> None:
     latents of 4 x 64 x 64 against 1,338 at 2,000 (benchmarks/results/scale-memory.md)."""
     if collect:
         gc.collect()
-    trim = _malloc_trim()
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 

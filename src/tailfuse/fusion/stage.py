@@ -32,7 +32,8 @@ from ..store import RunStore, ShardSet, file_sha256, save_tensors_atomic, write_
 log = logging.getLogger("tailfuse")
 from .fuse import draw_thresholds, fuse_latents, fusion_masks, plan, sample_generator
 from .neighbours import INDEX_KINDS, nearest
-from .saliency import CAM_METHODS, compute_maps, gaussian_smooth, rank_normalise, release_memory, saliency_targets
+from .saliency import (CAM_METHODS, compute_maps, fix_mmap_threshold, gaussian_smooth, rank_normalise, release_memory,
+                       saliency_targets)
 
 POLICIES = ("union", "kept", "tail")
 # latent positions (batch x h x w) one forward pass of the sparse model may hold: --batch-size 256 at 16 x 16 (TAESD
@@ -122,12 +123,18 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     shards = store.latents()
     device = next(model.parameters()).device
     bs = batch_for(cfg.batch_size, shards.shape)
-    probs = []
+    fix_mmap_threshold()  # freed Grad-CAM batches go back to the system: the peak must not grow with the run
+    # C's probabilities pick a head sample's target among the head labels it carries: needed only for samples that
+    # carry two or more (none in multi-class data)
+    y = train[labels].to_numpy(dtype=bool)
+    tail_cols = [labels.index(t) for t in tail]
+    head_cols = [j for j in range(len(labels)) if j not in tail_cols]
+    ask = np.flatnonzero((y[:, head_cols].sum(1) > 1) & ~y[:, tail_cols].any(1))
+    probs = np.zeros((len(train), len(labels)), dtype=np.float32)
     with torch.no_grad():
-        for i in range(0, len(train), bs):
-            z = shards.get(train["sample_id"].to_numpy()[i : i + bs]).to(device)
-            probs.append(model.probabilities(model.classify(model.code(z))).cpu())
-    probs = torch.cat(probs).numpy()
+        for i in range(0, len(ask), bs):
+            z = shards.get(train["sample_id"].to_numpy()[ask[i : i + bs]]).to(device)
+            probs[ask[i : i + bs]] = model.probabilities(model.classify(model.code(z))).cpu().numpy()
     table = saliency_targets(train, labels, tail, probs)
     table.insert(0, "row_id", np.arange(len(table), dtype=np.int64))
     n_unlabelled = int((train[labels].sum(axis=1) == 0).sum())
@@ -177,6 +184,15 @@ def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0, block: int = 1
     return out
 
 
+def _normalised(maps: ShardSet, rows: np.ndarray, how: str, smooth: float, block: int = 1024) -> torch.Tensor:
+    """The maps of ``rows``, smoothed and normalised, read ``block`` at a time: the search holds the normalised
+    index alone, not also the raw maps it was made from."""
+    out = torch.empty((len(rows), *maps.shape), dtype=torch.float32)
+    for a in range(0, len(rows), block):
+        out[a : a + block] = _normalise(maps.get(rows[a : a + block]), how, smooth, block)
+    return out
+
+
 def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseConfig, labels: list[str],
                    groups: pd.Series | None = None, write: bool = True) -> pd.DataFrame:
     """For every tail map: the cfg.neighbours nearest head-pool maps. Positions in the pool map back to rows via
@@ -189,8 +205,8 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
     head = table[table["role"] == "head"].reset_index(drop=True)
     if tail.empty:
         raise TailfuseError("no training sample carries a tail label: nothing to fuse.")
-    s_tail = _normalise(maps.get(tail["row_id"].to_numpy()), cfg.saliency_norm, cfg.saliency_smooth)
-    s_head = _normalise(maps.get(head["row_id"].to_numpy()), cfg.saliency_norm, cfg.saliency_smooth)
+    s_tail = _normalised(maps, tail["row_id"].to_numpy(), cfg.saliency_norm, cfg.saliency_smooth)
+    s_head = _normalised(maps, head["row_id"].to_numpy(), cfg.saliency_norm, cfg.saliency_smooth)
     dist = np.zeros((len(tail), min(cfg.neighbours, len(head))), dtype=np.float32)
     pos = np.full(dist.shape, -1, dtype=np.int64)
     within = np.zeros(len(tail), dtype=bool)
