@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from tailfuse.cli import _setup_logging  # noqa: E402
+from tailfuse.cli import setup_logging  # noqa: E402
 from tailfuse.evaluation.cli_args import add_evaluate_parser, cmd_evaluate  # noqa: E402
 
 
@@ -83,9 +83,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="tailfuse")
     add_evaluate_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["evaluate", "--run", str(run), "--threads", str(a.threads), *extra])
-    args.quiet = bool(getattr(args, "quiet", False))  # as tailfuse's own CLI does: -q is optional here too
-    args.verbose = bool(getattr(args, "verbose", False))
-    _setup_logging(args.quiet, args.verbose)
+    setup_logging(args)  # as tailfuse's own CLI does
     t = time.time()
     rc = cmd_evaluate(args)
     wall = time.time() - t

@@ -436,12 +436,15 @@ def _sigterm(signum, frame):  # a kill is handled like Ctrl-C: finished shards a
 MULTI_PROCESS_COMMANDS = ("encode", "train", "fuse", "decode", "run", "train-prior", "refine", "sample", "evaluate")
 
 
-def _setup_logging(quiet: bool, verbose: bool) -> None:
+def setup_logging(args: argparse.Namespace) -> None:
     """Messages go to stderr through the 'tailfuse' logger (-q: warnings only, -v: debug); with several processes
-    only the main one speaks."""
+    only the main one speaks. Sets ``args.quiet`` and ``args.verbose`` (False where the command has no such flag),
+    which the commands read."""
     from .dist import world_size_from_env
 
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    args.quiet = bool(getattr(args, "quiet", False))
+    args.verbose = bool(getattr(args, "verbose", False))
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     if world_size_from_env() > 1 and os.environ.get("RANK", "0") != "0":
         level = logging.ERROR
         sys.stdout = open(os.devnull, "w")  # results are printed once, by the main process
@@ -482,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    args.quiet = bool(getattr(args, "quiet", False))
-    _setup_logging(args.quiet, bool(getattr(args, "verbose", False)))
+    setup_logging(args)
     n = int(getattr(args, "processes", 1) or 1)
     if n < 1:
         print(f"tailfuse {args.command}: error: --processes {n}: give at least 1.", file=sys.stderr)
