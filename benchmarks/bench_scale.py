@@ -9,9 +9,11 @@ seeded perturbation (so no two are equal), cycled to --n samples with the real l
 is trained briefly (1 generation, 1 epoch) on a subset of 400 of them and copied into the big run. Each
 configuration runs in a fresh copy of the run (the saliency maps are recomputed every time): `tailfuse fuse` (the
 Grad-CAM maps of every training latent, the neighbour index, --fuse-count fused latents) and `tailfuse decode` of
---decode of them, each as `tailfuse [--processes 2] ...` with OMP_NUM_THREADS=1. Peak RSS is read per process from
-/proc (max over a 0.2 s poll of the whole process tree); the neighbour index is the head pool's saliency maps
-(float32), whose size is stated. Writes benchmarks/results/scale[-<tag>].json and .md.
+--decode of them (with their fusion masks, so pixel detail, decode's default for a fused set, is on), each as
+`tailfuse [--processes 2] ...` with OMP_NUM_THREADS=1. Peak RSS is read per process from /proc: its high-water mark
+VmHWM, polled every 0.2 s over the whole process tree (so only the last 0.2 s of a process can be missed). The
+neighbour index is the head pool's saliency maps (float32), whose size is stated. Writes
+benchmarks/results/scale[-<tag>].json and .md.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def _env(threads: int) -> dict:
 
 
 def _tree_rss(pid: int) -> dict[int, int]:
-    """RSS (bytes) of a process and its descendants, from /proc."""
+    """Peak RSS so far (bytes; the kernel's high-water mark VmHWM, so spikes between polls count) of a process and
+    its descendants, from /proc."""
     out = {}
     todo = [pid]
     while todo:
@@ -124,7 +127,7 @@ def _tree_rss(pid: int) -> dict[int, int]:
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("VmHWM:"):
                         out[p] = int(line.split()[1]) * 1024
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
@@ -191,8 +194,11 @@ def main() -> int:
         (sub / "latents").mkdir(parents=True)
         from tailfuse.latentset import LatentSet
 
-        z = LatentSet.open(RunStore(run), "synthetic").shards.get(ids["synth_id"].to_numpy())
-        save_tensors_atomic(sub / "latents" / "00000.safetensors", {"latents": z, "synth_id": torch.from_numpy(ids["synth_id"].to_numpy())})
+        fused_set = LatentSet.open(RunStore(run), "synthetic").shards
+        z, mask = fused_set.get(ids["synth_id"].to_numpy()), fused_set.get(ids["synth_id"].to_numpy(), key="mask")
+        # with the fusion masks, so decode does what it does on any fused set (pixel detail on by default)
+        save_tensors_atomic(sub / "latents" / "00000.safetensors",
+                            {"latents": z, "mask": mask, "synth_id": torch.from_numpy(ids["synth_id"].to_numpy().copy())})
         ids.to_csv(sub / "samples.csv", index=False)
         write_json_atomic(run / "stages" / "sample-dec.json", {"stage": "sample-dec", "status": "done", "config_hash": "scale",
                                                                "files": ["latents/00000.safetensors"], "n_synthetic": len(ids)})
@@ -203,7 +209,8 @@ def main() -> int:
         results[p] = {
             "fuse": {**fuse, "latents": a.n, "train_latents_with_maps": maps["n_maps"], "fused": int(per * len(tail)),
                      "maps_per_second": round(maps["n_maps"] / fuse["seconds"], 1)},
-            "decode": {**dec, "images": len(ids), "images_per_second": round(len(ids) / dec["seconds"], 2)},
+            "decode": {**dec, "images": len(ids), "images_per_second": round(len(ids) / dec["seconds"], 2),
+                       "settings": RunStore(run).stage("decode-dec").get("settings", {})},
             "neighbour_index_bytes": n_head * 64 * 64 * 4, "n_train": n_train,
         }
         print(json.dumps({p: results[p]}, indent=1))
@@ -218,16 +225,17 @@ def main() -> int:
     md = [f"# Large run: fuse over {a.n:,} latents of 4 x 64 x 64, decode {a.decode:,} of them (processes: {a.processes}; "
           "one thread each)", "",
           f"Command: `{res['command']}`", "",
-          "| processes | stage | wall (s) | throughput | peak RSS per process (MB) |", "|---|---|---|---|---|"]
+          "| processes | stage | wall (s) | throughput | peak RSS per process (MiB) |", "|---|---|---|---|---|"]
     for p, r in results.items():
         md.append(f"| {p} | fuse ({r['fuse']['train_latents_with_maps']} saliency maps, {r['fuse']['fused']} fused) | "
                   f"{r['fuse']['seconds']} | {r['fuse']['maps_per_second']} maps/s | "
                   f"{', '.join(str(round(b / 2**20)) for b in r['fuse']['peak_rss_bytes_per_process'][:p + 2])} |")
-        md.append(f"| {p} | decode ({r['decode']['images']} images, 512 px) | {r['decode']['seconds']} | "
+        extra = ", pixel detail" if r["decode"]["settings"].get("pixel_detail") else ""
+        md.append(f"| {p} | decode ({r['decode']['images']} images, 512 px{extra}) | {r['decode']['seconds']} | "
                   f"{r['decode']['images_per_second']} images/s | "
                   f"{', '.join(str(round(b / 2**20)) for b in r['decode']['peak_rss_bytes_per_process'][:p + 2])} |")
     md += ["", f"Speed-up of 2 one-thread processes over 1: {speed}. Neighbour index (the head pool's maps, float32): "
-           f"{results[min(results)]['neighbour_index_bytes'] / 2**20:.0f} MB. {platform.platform()}; load average at the "
+           f"{results[min(results)]['neighbour_index_bytes'] / 2**20:.0f} MiB. {platform.platform()}; load average at the "
            f"start {', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}."]
     (out / f"scale{'-' + a.tag if a.tag else ''}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
