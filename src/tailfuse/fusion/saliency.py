@@ -89,8 +89,9 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     glibc starts at 128 KiB but raises the threshold each time a mapped block is freed (up to 32 MiB), after which
     the Grad-CAM batches' large tensors come from the heap, which fragments and is only partly trimmed: the
     neighbour search that follows then stacks on what the saliency pass left held, and fuse's peak grew with the
-    run (1,313 -> 1,487 MB ru_maxrss from 2,000 to 5,000 latents of 4 x 64 x 64; with a fixed threshold it grows
-    by about the neighbour index; benchmarks/results/scale-memory.md). A fixed 1 MiB costs about 10 % of the
+    run (1,313 -> 1,487 MB ru_maxrss from 2,000 to 5,000 latents of 4 x 64 x 64). With the threshold fixed it grows
+    by the neighbour index and about 2 KB per latent of tables (1,214 -> 1,393 MiB from 2,000 to 20,000 latents, the
+    index 16 -> 161 MiB; benchmarks/results/scale-memory.md). A fixed 1 MiB costs about 10 % of the
     saliency pass's speed (page faults on fresh mappings), 128 KiB about 20 %."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
