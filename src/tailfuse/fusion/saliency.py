@@ -48,13 +48,26 @@ class _CodeClassifier(torch.nn.Module):
         return self.model.classify(code)
 
 
+def _columns(labels: list[str], tail: list[str]) -> tuple[list[int], list[int]]:
+    """Column positions of the tail labels and of the head labels."""
+    tail_idx = [labels.index(t) for t in tail]
+    return tail_idx, [j for j in range(len(labels)) if j not in tail_idx]
+
+
+def rows_needing_probabilities(samples: pd.DataFrame, labels: list[str], tail: list[str]) -> np.ndarray:
+    """Positions of the rows whose target :func:`saliency_targets` picks by C's probabilities: samples that carry
+    no tail label and two or more head labels (none in multi-class data). Other rows' probabilities are not read."""
+    y = samples[labels].to_numpy(dtype=bool)
+    tail_idx, head_idx = _columns(labels, tail)
+    return np.flatnonzero((y[:, head_idx].sum(1) > 1) & ~y[:, tail_idx].any(1))
+
+
 def saliency_targets(samples: pd.DataFrame, labels: list[str], tail: list[str], probs: np.ndarray) -> pd.DataFrame:
     """One row per map to compute: sample_id, role (tail|head), target (label index).
 
     ``samples``: training rows; ``probs``: C's probabilities for those rows (same order)."""
     y = samples[labels].to_numpy(dtype=bool)
-    tail_idx = [labels.index(t) for t in tail]
-    head_idx = [j for j in range(len(labels)) if j not in tail_idx]
+    tail_idx, head_idx = _columns(labels, tail)
     rows = []
     for i, sid in enumerate(samples["sample_id"].to_numpy()):
         carried_tail = [j for j in tail_idx if y[i, j]]

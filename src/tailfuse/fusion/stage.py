@@ -33,7 +33,7 @@ log = logging.getLogger("tailfuse")
 from .fuse import draw_thresholds, fuse_latents, fusion_masks, plan, sample_generator
 from .neighbours import INDEX_KINDS, nearest
 from .saliency import (CAM_METHODS, compute_maps, fix_mmap_threshold, gaussian_smooth, rank_normalise, release_memory,
-                       saliency_targets)
+                       rows_needing_probabilities, saliency_targets)
 
 POLICIES = ("union", "kept", "tail")
 # latent positions (batch x h x w) one forward pass of the sparse model may hold: --batch-size 256 at 16 x 16 (TAESD
@@ -124,12 +124,7 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     device = next(model.parameters()).device
     bs = batch_for(cfg.batch_size, shards.shape)
     fix_mmap_threshold()  # freed Grad-CAM batches go back to the system: the peak must not grow with the run
-    # C's probabilities pick a head sample's target among the head labels it carries: needed only for samples that
-    # carry two or more (none in multi-class data)
-    y = train[labels].to_numpy(dtype=bool)
-    tail_cols = [labels.index(t) for t in tail]
-    head_cols = [j for j in range(len(labels)) if j not in tail_cols]
-    ask = np.flatnonzero((y[:, head_cols].sum(1) > 1) & ~y[:, tail_cols].any(1))
+    ask = rows_needing_probabilities(train, labels, tail)  # C decides only between two or more head labels
     probs = np.zeros((len(train), len(labels)), dtype=np.float32)
     with torch.no_grad():
         for i in range(0, len(ask), bs):
