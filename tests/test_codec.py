@@ -119,3 +119,24 @@ def test_large_batches_are_sliced_to_one_image_per_pass(taesd_path, isic_dir, mo
     assert codec.vae.use_slicing is True and calls == [1, 1, 1, 1]
     assert torch.allclose(whole, sliced, atol=1e-5)
     assert torch.allclose(codec.encode(x), z, atol=1e-5)
+
+
+def test_cpu_codec_runs_channels_last_with_the_nchw_result(taesd_path, isic_dir):
+    """On CPU the real TAESD runs in channels-last layout (faster with oneDNN); its latents and images equal a plain
+    NCHW pass of the same weights up to float rounding, and come back contiguous NCHW (safetensors needs that)."""
+    from tailfuse.images import load_image
+
+    codec = VAECodec.load(str(taesd_path))
+    assert codec.memory_format is torch.channels_last
+    assert codec.vae.decoder.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.stack([load_image(str(isic_dir / "images" / f"{i:05d}.png"), 128) for i in range(4)])
+    z = codec.encode(x)
+    y = codec.decode(z)
+    assert z.is_contiguous() and y.is_contiguous()
+    plain = VAECodec.load(str(taesd_path))
+    plain.memory_format = torch.contiguous_format
+    plain.vae.to(memory_format=torch.contiguous_format)
+    assert plain.vae.decoder.layers[0].weight.is_contiguous()
+    torch.testing.assert_close(z, plain.encode(x), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y, plain.decode(z), atol=1e-4, rtol=0)
+    assert (y - x).abs().mean() < 0.05  # and it is still a round trip of the image

@@ -93,6 +93,10 @@ class VAECodec:
 
     def __init__(self, vae: torch.nn.Module, name: str, config: dict, device: str, dtype: torch.dtype, weights_sha256: str):
         self.vae = vae.eval().requires_grad_(False)
+        # On CPU the convolutions run in channels-last layout (oneDNN's native one): TAESD encodes and decodes
+        # faster with the same result up to float rounding (benchmarks/results/codec-layout.md).
+        self.memory_format = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+        self.vae.to(memory_format=self.memory_format)
         self.name = name
         self.config = config
         self.device = torch.device(device)
@@ -176,20 +180,20 @@ class VAECodec:
     @torch.no_grad()
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W images in [0, 1] -> B x C x h x w scaled latents (float32, CPU). Deterministic."""
-        x = self._to_pixels(images01.to(self.device, self.dtype))
+        x = self._to_pixels(images01.to(self.device, self.dtype)).contiguous(memory_format=self.memory_format)
         self._slice_if_large(len(x), x.shape[-2], x.shape[-1])
         out = self.vae.encode(x)
         z = out.latents if self.kind == "AutoencoderTiny" else out.latent_dist.mean
         z = (z.float() - self.shift_factor) * self.scaling_factor
-        return z.cpu()
+        return z.cpu().contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """B x C x h x w scaled latents -> B x 3 x H x W images in [0, 1] (float32, CPU)."""
         z = latents.float() / self.scaling_factor + self.shift_factor
         self._slice_if_large(len(z), z.shape[-2] * self.downsample, z.shape[-1] * self.downsample)
-        x = self.vae.decode(z.to(self.device, self.dtype)).sample
-        return self._from_pixels(x.float()).cpu()
+        x = self.vae.decode(z.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)).sample
+        return self._from_pixels(x.float()).cpu().contiguous()
 
     def decode_batched(self, latents: torch.Tensor, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
         outs = []

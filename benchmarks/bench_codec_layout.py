@@ -1,0 +1,97 @@
+"""VAE layout benchmark: TAESD encode and decode on CPU in NCHW (contiguous) against channels-last layout.
+
+    python benchmarks/bench_codec_layout.py --vae ../shared/models/taesd --data ../shared/data/isic2018_lt [--threads 1]
+
+For each image size (128 px, the default; 512 px, Stable Diffusion's native size) it encodes and decodes real
+ISIC2018-LT images with one `VAECodec` in each layout, with --threads torch threads, and reports the best of
+--repeats timings per batch, the speed-up, and the largest difference between the two layouts' outputs (latents,
+and decoded images in [0, 1] and in 8-bit PNG levels). Writes benchmarks/results/codec-layout.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import torch  # noqa: E402
+
+from tailfuse.codec import VAECodec  # noqa: E402
+from tailfuse.images import load_image  # noqa: E402
+
+
+def _best(fn, x, repeats: int) -> tuple[float, torch.Tensor]:
+    out = fn(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn(x)
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vae", required=True)
+    ap.add_argument("--data", required=True, help="a dataset folder with images/ (ISIC2018-LT)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    files = sorted(Path(a.data, "images").glob("*.png"))[:32]
+    load0 = os.getloadavg()
+    rows = []
+    for size, batch in ((128, 32), (512, 4)):
+        x = torch.stack([load_image(str(f), size) for f in files[:batch]])
+        res = {}
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            codec = VAECodec.load(a.vae)
+            codec.memory_format = fmt
+            codec.vae.to(memory_format=fmt)
+            te, z = _best(codec.encode, x, a.repeats)
+            td, y = _best(codec.decode, z, a.repeats)
+            res[layout] = {"encode_s": te, "decode_s": td, "z": z, "y": y}
+        n, c = res["nchw"], res["channels_last"]
+        y8 = lambda t: (t * 255).round()  # noqa: E731  (the PNG levels save_png writes)
+        rows.append({"size": size, "batch": batch, "threads": a.threads,
+                     **{f"{k}_{layout}_s": round(res[layout][f"{k}_s"], 3) for k in ("encode", "decode")
+                        for layout in res},
+                     "encode_speedup": round(n["encode_s"] / c["encode_s"], 2),
+                     "decode_speedup": round(n["decode_s"] / c["decode_s"], 2),
+                     "max_latent_diff": float((n["z"] - c["z"]).abs().max()),
+                     "max_image_diff": float((n["y"] - c["y"]).abs().max()),
+                     "png_levels_differing_fraction": float((y8(n["y"]) != y8(c["y"])).float().mean()),
+                     "max_png_level_diff": float((y8(n["y"]) - y8(c["y"])).abs().max())})
+        print(json.dumps(rows[-1]))
+    res = {"command": "python benchmarks/bench_codec_layout.py " + " ".join(sys.argv[1:]), "rows": rows,
+           "torch": torch.__version__, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+           "load_average_at_start": load0, "load_average_at_end": os.getloadavg()}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "codec-layout.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = ["# TAESD on CPU: NCHW against channels-last layout (seconds per batch, best of "
+          f"{a.repeats}; {a.threads} thread(s))", "", f"Command: `{res['command']}`", "",
+          "| size | batch | encode NCHW | encode channels-last | speed-up | decode NCHW | decode channels-last | speed-up "
+          "| max latent diff | max image diff | PNG levels that differ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['size']} px | {r['batch']} | {r['encode_nchw_s']} | {r['encode_channels_last_s']} | "
+                  f"{r['encode_speedup']}x | {r['decode_nchw_s']} | {r['decode_channels_last_s']} | {r['decode_speedup']}x | "
+                  f"{r['max_latent_diff']:.1e} | {r['max_image_diff']:.1e} | {100 * r['png_levels_differing_fraction']:.3f} % "
+                  f"(at most {r['max_png_level_diff']:.0f} level) |")
+    md += ["", f"torch {torch.__version__}; {platform.platform()}; load average at the start "
+           f"{', '.join(f'{v:.1f}' for v in load0)}, at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}."]
+    (out / "codec-layout.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
