@@ -9,7 +9,8 @@ seeded perturbation (so no two are equal), cycled to --n samples with the real l
 is trained briefly (1 generation, 1 epoch) on a subset of 400 of them and copied into the big run. Each
 configuration runs in a fresh copy of the run (the saliency maps are recomputed every time): `tailfuse fuse` (the
 Grad-CAM maps of every training latent, the neighbour index, --fuse-count fused latents) and `tailfuse decode` of
---decode of them (with their fusion masks, so pixel detail, decode's default for a fused set, is on), each as
+--decode of them (with their fusion masks, so pixel detail, decode's default for a fused set, is on; --decode 0 times
+fuse alone), each as
 `tailfuse [--processes 2] ...` with OMP_NUM_THREADS=1. Peak RSS is read per process from /proc: its high-water mark
 VmHWM, polled every 0.2 s over the whole process tree (so only the last 0.2 s of a process can be missed). The
 neighbour index is the head pool's saliency maps (float32), whose size is stated. Writes
@@ -160,13 +161,35 @@ def timed(cmd: list[str], env: dict) -> dict:
     return {"seconds": round(time.time() - t, 1), "peak_rss_bytes_per_process": workers}
 
 
+
+def _decode(run: Path, pre: list[str], count: int) -> dict:
+    """Time `tailfuse decode` of the first ``count`` fused latents of ``run`` (a set of that size made from the fused
+    one, with the fusion masks, so decode does what it does on any fused set: pixel detail on by default)."""
+    from tailfuse.latentset import LatentSet
+
+    ids = pd.read_csv(run / "synthetic" / "samples.csv").head(count)
+    sub = run / "dec"
+    shutil.rmtree(sub, ignore_errors=True)
+    (sub / "latents").mkdir(parents=True)
+    fused_set = LatentSet.open(RunStore(run), "synthetic").shards
+    z, mask = fused_set.get(ids["synth_id"].to_numpy()), fused_set.get(ids["synth_id"].to_numpy(), key="mask")
+    save_tensors_atomic(sub / "latents" / "00000.safetensors",
+                        {"latents": z, "mask": mask, "synth_id": torch.from_numpy(ids["synth_id"].to_numpy().copy())})
+    ids.to_csv(sub / "samples.csv", index=False)
+    write_json_atomic(run / "stages" / "sample-dec.json", {"stage": "sample-dec", "status": "done", "config_hash": "scale",
+                                                           "files": ["latents/00000.safetensors"], "n_synthetic": len(ids)})
+    dec = timed([*pre, "decode", "--run", str(run), "--name", "dec", "--quiet"], _env(1))
+    return {**dec, "images": len(ids), "images_per_second": round(len(ids) / dec["seconds"], 2),
+            "settings": RunStore(run).stage("decode-dec").get("settings", {})}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", required=True, help="an encoded run (ISIC2018-LT, TAESD) whose latents are tiled")
     ap.add_argument("--work", required=True, help="scratch folder for the big runs")
     ap.add_argument("--n", type=int, default=50000)
     ap.add_argument("--fuse-count", type=int, default=2000, help="fused latents made (spread over the tail labels)")
-    ap.add_argument("--decode", type=int, default=2000)
+    ap.add_argument("--decode", type=int, default=2000, help="fused latents decoded (0: time fuse only)")
     ap.add_argument("--processes", default="1,2")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix of the result files: scale-<tag>.json / .md")
@@ -187,49 +210,35 @@ def main() -> int:
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         pre = [sys.executable, "-m", "tailfuse"] + (["--processes", str(p)] if p > 1 else [])
         fuse = timed([*pre, "fuse", "--run", str(run), "--per-class", str(per), "--quiet"], _env(1))
-        # decode --decode of them: a set of that size made from the fused one
-        ids = pd.read_csv(run / "synthetic" / "samples.csv").head(a.decode)
-        sub = run / "dec"
-        shutil.rmtree(sub, ignore_errors=True)
-        (sub / "latents").mkdir(parents=True)
-        from tailfuse.latentset import LatentSet
-
-        fused_set = LatentSet.open(RunStore(run), "synthetic").shards
-        z, mask = fused_set.get(ids["synth_id"].to_numpy()), fused_set.get(ids["synth_id"].to_numpy(), key="mask")
-        # with the fusion masks, so decode does what it does on any fused set (pixel detail on by default)
-        save_tensors_atomic(sub / "latents" / "00000.safetensors",
-                            {"latents": z, "mask": mask, "synth_id": torch.from_numpy(ids["synth_id"].to_numpy().copy())})
-        ids.to_csv(sub / "samples.csv", index=False)
-        write_json_atomic(run / "stages" / "sample-dec.json", {"stage": "sample-dec", "status": "done", "config_hash": "scale",
-                                                               "files": ["latents/00000.safetensors"], "n_synthetic": len(ids)})
-        dec = timed([*pre, "decode", "--run", str(run), "--name", "dec", "--quiet"], _env(1))
+        dec = _decode(run, pre, a.decode) if a.decode else None
         n_train = int((pd.read_csv(run / "samples.csv")["split"] == "train").sum())
         maps = RunStore(run).stage(next(k for k in RunStore(run).stages() if k.startswith("saliency")))
         n_head = int((pd.read_csv(next((run / "saliency").glob("*/maps.csv")))["role"] == "head").sum())
         results[p] = {
             "fuse": {**fuse, "latents": a.n, "train_latents_with_maps": maps["n_maps"], "fused": int(per * len(tail)),
                      "maps_per_second": round(maps["n_maps"] / fuse["seconds"], 1)},
-            "decode": {**dec, "images": len(ids), "images_per_second": round(len(ids) / dec["seconds"], 2),
-                       "settings": RunStore(run).stage("decode-dec").get("settings", {})},
+            **({"decode": dec} if dec else {}),
             "neighbour_index_bytes": n_head * 64 * 64 * 4, "n_train": n_train,
         }
         print(json.dumps({p: results[p]}, indent=1))
     r1, r2 = results.get(1), results.get(2)
-    speed = {k: round(r1[k]["seconds"] / r2[k]["seconds"], 2) for k in ("fuse", "decode")} if r1 and r2 else {}
+    speed = {k: round(r1[k]["seconds"] / r2[k]["seconds"], 2) for k in ("fuse", "decode") if k in r1} if r1 and r2 else {}
     res = {"command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]), "results": results,
            "speedup_2_over_1": speed, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"scale{'-' + a.tag if a.tag else ''}.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = [f"# Large run: fuse over {a.n:,} latents of 4 x 64 x 64, decode {a.decode:,} of them (processes: {a.processes}; "
-          "one thread each)", "",
+    what = f", decode {a.decode:,} of them" if a.decode else " (no decode: --decode 0)"
+    md = [f"# Large run: fuse over {a.n:,} latents of 4 x 64 x 64{what} (processes: {a.processes}; one thread each)", "",
           f"Command: `{res['command']}`", "",
           "| processes | stage | wall (s) | throughput | peak RSS per process (MiB) |", "|---|---|---|---|---|"]
     for p, r in results.items():
         md.append(f"| {p} | fuse ({r['fuse']['train_latents_with_maps']} saliency maps, {r['fuse']['fused']} fused) | "
                   f"{r['fuse']['seconds']} | {r['fuse']['maps_per_second']} maps/s | "
                   f"{', '.join(str(round(b / 2**20)) for b in r['fuse']['peak_rss_bytes_per_process'][:p + 2])} |")
+        if "decode" not in r:
+            continue
         extra = ", pixel detail" if r["decode"]["settings"].get("pixel_detail") else ""
         md.append(f"| {p} | decode ({r['decode']['images']} images, 512 px{extra}) | {r['decode']['seconds']} | "
                   f"{r['decode']['images_per_second']} images/s | "

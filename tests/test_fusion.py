@@ -465,6 +465,46 @@ def test_exact_search_over_pool_blocks_equals_one_block(monkeypatch):
     assert set(p2[-1, :2]) == {7, 250} and np.array_equal(p1[-1, 2:], p2[-1, 2:])  # the tie in either order
 
 
+
+@pytest.mark.parametrize("index", ["faiss-flat", "faiss-hnsw"])
+def test_faiss_takes_the_pool_block_by_block(index, monkeypatch):
+    """A faiss index is filled from the pool's blocks (Rows), never from the pool as one tensor beside it (the pool
+    is then held once, in the index): the neighbours are those of the exact search over the whole pool."""
+    from tailfuse.fusion.neighbours import Rows
+
+    g = torch.Generator().manual_seed(1)
+    pool = torch.rand(700, 6, 6, generator=g)
+    queries = pool[[3, 250, 699]] + 1e-3 * torch.rand(3, 6, 6, generator=g)
+    d_exact, p_exact = nearest(queries, pool, 4, "exact")
+    seen = []
+
+    def blocks():
+        for a in range(0, len(pool), 128):
+            seen.append(a)
+            yield pool[a : a + 128]
+
+    monkeypatch.setattr(Rows, "tensor", lambda self: pytest.fail("the whole pool was built as one tensor"))
+    d, p = nearest(queries, Rows(len(pool), blocks), 4, index)
+    assert seen == list(range(0, 700, 128))
+    assert np.array_equal(p[:, 0], [3, 250, 699])
+    if index == "faiss-flat":
+        assert np.array_equal(p, p_exact) and np.allclose(d, d_exact, atol=1e-4)
+
+
+def test_exact_search_over_rows_equals_the_tensor():
+    """Exact search takes Rows as the one tensor their blocks fill (the values the tensor itself gives)."""
+    from tailfuse.fusion.neighbours import Rows
+
+    g = torch.Generator().manual_seed(2)
+    pool = torch.rand(300, 5, 5, generator=g)
+    rows = Rows(len(pool), lambda: (pool[a : a + 64] for a in range(0, 300, 64)))
+    assert torch.equal(rows.tensor(), pool.reshape(300, -1))
+    queries = torch.rand(10, 5, 5, generator=g)
+    d1, p1 = nearest(queries, pool, 3, "exact")
+    d2, p2 = nearest(queries, rows, 3, "exact")
+    assert np.array_equal(p1, p2) and np.array_equal(d1, d2)
+
+
 def test_batches_hold_a_bounded_number_of_latent_positions():
     """--batch-size holds at 16 x 16 (TAESD at 128 px); at Stable Diffusion's 64 x 64 a batch is capped at 32."""
     from tailfuse.fusion.stage import _normalise, batch_for

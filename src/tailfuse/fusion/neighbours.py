@@ -6,6 +6,8 @@ place is deliberate: the reference code looked positions of a filtered table up 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 
@@ -44,28 +46,77 @@ def _exact(q: torch.Tensor, p: torch.Tensor, k: int, block: int) -> tuple[np.nda
     return torch.cat(dists).numpy(), torch.cat(pos).numpy()
 
 
-def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, index: str = "auto", block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row, the k nearest pool rows: (distances Q x k, positions Q x k), nearest first."""
+class Rows:
+    """Rows given by their count and a function that yields them in order, block by block (tensors, one row per
+    map): the pool a faiss index takes in block by block, so that the pool is held once, inside the index, and not
+    also as one tensor beside it."""
+
+    def __init__(self, n: int, blocks: Callable[[], Iterator[torch.Tensor]]):
+        self.n, self.blocks = n, blocks
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tensor(self) -> torch.Tensor:
+        """All rows as one N x D float32 tensor, filled block by block."""
+        out, a = None, 0
+        for b in self.blocks():
+            b = b.reshape(len(b), -1).float()
+            if out is None:
+                out = torch.empty((self.n, b.shape[1]), dtype=torch.float32)
+            out[a : a + len(b)] = b
+            a += len(b)
+        return out if out is not None else torch.empty((0, 0))
+
+
+def nearest(queries: torch.Tensor | Rows, pool: torch.Tensor | Rows, k: int, index: str = "auto",
+            block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the k nearest pool rows: (distances Q x k, positions Q x k), nearest first.
+    ``queries`` and ``pool``: tensors, or :class:`Rows`. A faiss index takes the pool in block by block and holds
+    it once (its storage is sized before the first block, so it does not grow by reallocation); exact search holds
+    the pool as one tensor. Queries are searched a block at a time either way; each query's result depends on that
+    query alone."""
     if index not in INDEX_KINDS:
         raise TailfuseError(f"neighbour index '{index}' unknown; choose from {', '.join(INDEX_KINDS)}.")
     if len(pool) == 0:
         raise TailfuseError("the head pool is empty: no training sample carries only head labels.")
     k = min(k, len(pool))
-    q = queries.reshape(len(queries), -1).float()
-    p = pool.reshape(len(pool), -1).float()
     if index == "auto":
-        index = "exact" if len(p) <= AUTO_EXACT_MAX else "faiss-hnsw"
+        index = "exact" if len(pool) <= AUTO_EXACT_MAX else "faiss-hnsw"
+    query_blocks = (queries[a : a + block] for a in range(0, len(queries), block)) if isinstance(queries, torch.Tensor) \
+        else queries.blocks()
     if index == "exact":
-        return _exact(q, p, k, block)
+        p = pool if isinstance(pool, torch.Tensor) else pool.tensor()
+        p = p.reshape(len(p), -1).float()
+        found = [_exact(q.reshape(len(q), -1).float(), p, k, block) for q in query_blocks]
+    else:
+        ix = _faiss_index(pool, index, k)
+        found = []
+        for q in query_blocks:
+            d2, pos = ix.search(np.ascontiguousarray(q.reshape(len(q), -1).float().numpy(), dtype=np.float32), k)
+            found.append((np.sqrt(np.maximum(d2, 0)), pos.astype(np.int64)))
+    if not found:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate([d for d, _ in found]), np.concatenate([p for _, p in found])
+
+
+def _faiss_index(pool: torch.Tensor | Rows, index: str, k: int):
+    """A faiss index (flat or HNSW) filled with the pool, block by block when the pool is :class:`Rows`."""
     import faiss
 
-    xb = np.ascontiguousarray(p.numpy(), dtype=np.float32)
-    xq = np.ascontiguousarray(q.numpy(), dtype=np.float32)
-    if index == "faiss-flat":
-        ix = faiss.IndexFlatL2(xb.shape[1])
-    else:
-        ix = faiss.IndexHNSWFlat(xb.shape[1], 32)
-        ix.hnsw.efSearch = max(64, 2 * k)
-    ix.add(xb)
-    d2, pos = ix.search(xq, k)
-    return np.sqrt(np.maximum(d2, 0)), pos.astype(np.int64)
+    ix = None
+    for b in [pool] if isinstance(pool, torch.Tensor) else pool.blocks():
+        xb = np.ascontiguousarray(b.reshape(len(b), -1).float().numpy(), dtype=np.float32)
+        if ix is None:
+            dim = xb.shape[1]
+            if index == "faiss-flat":
+                ix = faiss.IndexFlatL2(dim)
+            else:
+                ix = faiss.IndexHNSWFlat(dim, 32)
+                ix.hnsw.efSearch = max(64, 2 * k)
+            # size the vector storage once: adding block by block would otherwise grow it by reallocation
+            store = ix if index == "faiss-flat" else faiss.downcast_index(ix.storage)
+            store.codes.resize(len(pool) * store.code_size)
+        ix.add(xb)
+        del xb, b
+    return ix

@@ -31,7 +31,7 @@ from ..store import RunStore, ShardSet, file_sha256, save_tensors_atomic, write_
 
 log = logging.getLogger("tailfuse")
 from .fuse import draw_thresholds, fuse_latents, fusion_masks, plan, sample_generator
-from .neighbours import INDEX_KINDS, nearest
+from .neighbours import INDEX_KINDS, Rows, nearest
 from .saliency import (CAM_METHODS, compute_maps, fix_mmap_threshold, gaussian_smooth, rank_normalise, release_memory,
                        rows_needing_probabilities, saliency_targets)
 
@@ -162,10 +162,15 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     return table, ShardSet(folder, files, id_key="row_id", key="maps"), folder
 
 
+NORMALISE_VALUES = 1 << 18  # map values normalised at once: 1,024 maps of 16 x 16, 64 of 64 x 64
+
+
 def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0, block: int = 1024) -> torch.Tensor:
-    """Smoothed and normalised maps (float32), computed ``block`` maps at a time: the transient copies (rank
-    normalisation works in float64) stay bounded however large the head pool is; each map is normalised alone."""
+    """Smoothed and normalised maps (float32), computed ``block`` maps at a time, and at most NORMALISE_VALUES
+    values: the transient copies (rank normalisation works in float64, about 90 bytes per value in all) stay bounded
+    however large the head pool and the maps are; each map is normalised alone."""
     out = torch.empty(maps.shape, dtype=torch.float32)
+    block = max(1, min(block, NORMALISE_VALUES // max(1, int(np.prod(maps.shape[1:])))))
     for a in range(0, len(maps), block):
         m = maps[a : a + block]
         if smooth > 0:
@@ -176,15 +181,6 @@ def _normalise(maps: torch.Tensor, how: str, smooth: float = 0.0, block: int = 1
         flat = m.reshape(len(m), -1)
         lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
         out[a : a + block] = ((flat - lo) / (hi - lo).clamp_min(1e-7)).reshape(m.shape)
-    return out
-
-
-def _normalised(maps: ShardSet, rows: np.ndarray, how: str, smooth: float, block: int = 1024) -> torch.Tensor:
-    """The maps of ``rows``, smoothed and normalised, read ``block`` at a time: the search holds the normalised
-    index alone, not also the raw maps it was made from."""
-    out = torch.empty((len(rows), *maps.shape), dtype=torch.float32)
-    for a in range(0, len(rows), block):
-        out[a : a + block] = _normalise(maps.get(rows[a : a + block]), how, smooth, block)
     return out
 
 
@@ -200,13 +196,24 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
     head = table[table["role"] == "head"].reset_index(drop=True)
     if tail.empty:
         raise TailfuseError("no training sample carries a tail label: nothing to fuse.")
-    s_tail = _normalised(maps, tail["row_id"].to_numpy(), cfg.saliency_norm, cfg.saliency_smooth)
-    s_head = _normalised(maps, head["row_id"].to_numpy(), cfg.saliency_norm, cfg.saliency_smooth)
+    tail_rows, head_rows = tail["row_id"].to_numpy(), head["row_id"].to_numpy()
+
+    def normalised(rows: np.ndarray, block: int = 1024) -> Rows:
+        """The maps of ``rows``, normalised block by block as the search reads them: the tail maps are searched a
+        block at a time and a faiss index holds the head pool once, not also beside itself."""
+        return Rows(len(rows), lambda: (_normalise(maps.get(rows[a : a + block]), cfg.saliency_norm,
+                                                   cfg.saliency_smooth, block) for a in range(0, len(rows), block)))
+
+    s_tail = normalised(tail_rows)
+
+    def s_head(positions: np.ndarray | None = None) -> Rows:
+        return normalised(head_rows if positions is None else head_rows[positions])
+
     dist = np.zeros((len(tail), min(cfg.neighbours, len(head))), dtype=np.float32)
     pos = np.full(dist.shape, -1, dtype=np.int64)
     within = np.zeros(len(tail), dtype=bool)
     if groups is None:
-        d, p = nearest(s_tail, s_head, cfg.neighbours, cfg.index)
+        d, p = nearest(s_tail, s_head(), cfg.neighbours, cfg.index)
         dist[:, : d.shape[1]], pos[:, : p.shape[1]] = d, p
     else:
         g_tail = groups.loc[tail["sample_id"]].to_numpy()
@@ -215,9 +222,9 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
             qi = np.flatnonzero(g_tail == value)
             pool = np.flatnonzero(g_head == value)
             if len(pool) == 0:
-                d, p = nearest(s_tail[qi], s_head, cfg.neighbours, cfg.index)
+                d, p = nearest(normalised(tail_rows[qi]), s_head(), cfg.neighbours, cfg.index)
             else:
-                d, p = nearest(s_tail[qi], s_head[pool], cfg.neighbours, cfg.index)
+                d, p = nearest(normalised(tail_rows[qi]), s_head(pool), cfg.neighbours, cfg.index)
                 p = pool[p]
                 within[qi] = True
             dist[qi[:, None], np.arange(d.shape[1])[None]] = d
