@@ -204,16 +204,12 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
         return Rows(len(rows), lambda: (_normalise(maps.get(rows[a : a + block]), cfg.saliency_norm,
                                                    cfg.saliency_smooth, block) for a in range(0, len(rows), block)))
 
-    s_tail = normalised(tail_rows)
-
-    def s_head(positions: np.ndarray | None = None) -> Rows:
-        return normalised(head_rows if positions is None else head_rows[positions])
-
+    s_tail, s_head = normalised(tail_rows), normalised(head_rows)
     dist = np.zeros((len(tail), min(cfg.neighbours, len(head))), dtype=np.float32)
     pos = np.full(dist.shape, -1, dtype=np.int64)
     within = np.zeros(len(tail), dtype=bool)
     if groups is None:
-        d, p = nearest(s_tail, s_head(), cfg.neighbours, cfg.index)
+        d, p = nearest(s_tail, s_head, cfg.neighbours, cfg.index)
         dist[:, : d.shape[1]], pos[:, : p.shape[1]] = d, p
     else:
         g_tail = groups.loc[tail["sample_id"]].to_numpy()
@@ -222,9 +218,9 @@ def run_neighbours(table: pd.DataFrame, maps: ShardSet, folder: Path, cfg: FuseC
             qi = np.flatnonzero(g_tail == value)
             pool = np.flatnonzero(g_head == value)
             if len(pool) == 0:
-                d, p = nearest(normalised(tail_rows[qi]), s_head(), cfg.neighbours, cfg.index)
+                d, p = nearest(normalised(tail_rows[qi]), s_head, cfg.neighbours, cfg.index)
             else:
-                d, p = nearest(normalised(tail_rows[qi]), s_head(pool), cfg.neighbours, cfg.index)
+                d, p = nearest(normalised(tail_rows[qi]), normalised(head_rows[pool]), cfg.neighbours, cfg.index)
                 p = pool[p]
                 within[qi] = True
             dist[qi[:, None], np.arange(d.shape[1])[None]] = d
