@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
 
+from _results import Load, machine, write_results  # noqa: E402
 from tailfuse.codec import VAECodec  # noqa: E402
 from tailfuse.images import load_image  # noqa: E402
 
@@ -47,7 +47,7 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     files = sorted(Path(a.data, "images").glob("*.png"))[:32]
-    load0 = os.getloadavg()
+    load = Load()
     rows = []
     for size, batch in ((128, 32), (512, 4)):
         x = torch.stack([load_image(str(f), size) for f in files[:batch]])
@@ -72,11 +72,7 @@ def main() -> int:
                      "max_png_level_diff": float((y8(n["y"]) - y8(c["y"])).abs().max())})
         print(json.dumps(rows[-1]))
     res = {"command": "python benchmarks/bench_codec_layout.py " + " ".join(sys.argv[1:]), "rows": rows,
-           "torch": torch.__version__, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-           "load_average_at_start": load0, "load_average_at_end": os.getloadavg()}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "codec-layout.json").write_text(json.dumps(res, indent=2) + "\n")
+           "torch": torch.__version__, "machine": machine(), **load.record()}
     md = ["# TAESD on CPU: NCHW against channels-last layout (seconds per batch, best of "
           f"{a.repeats}; {a.threads} thread(s))", "", f"Command: `{res['command']}`", "",
           "| size | batch | encode NCHW | encode channels-last | speed-up | decode NCHW | decode channels-last | speed-up "
@@ -86,10 +82,8 @@ def main() -> int:
                   f"{r['encode_speedup']}x | {r['decode_nchw_s']} | {r['decode_channels_last_s']} | {r['decode_speedup']}x | "
                   f"{r['max_latent_diff']:.1e} | {r['max_image_diff']:.1e} | {100 * r['png_levels_differing_fraction']:.3f} % "
                   f"(at most {r['max_png_level_diff']:.0f} level) |")
-    md += ["", f"torch {torch.__version__}; {platform.platform()}; load average at the start "
-           f"{', '.join(f'{v:.1f}' for v in load0)}, at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())}."]
-    (out / "codec-layout.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md += ["", f"torch {torch.__version__}; {platform.platform()}; {load.footer()}."]
+    write_results(a.out, "codec-layout", res, md)
     return 0
 
 

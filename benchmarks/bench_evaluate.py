@@ -35,6 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from _results import Load  # noqa: E402
 from tailfuse.cli import setup_logging  # noqa: E402
 from tailfuse.evaluation.cli_args import add_evaluate_parser, cmd_evaluate  # noqa: E402
 
@@ -76,7 +77,7 @@ def main() -> int:
     ap.add_argument("--note", help="a sentence written into both result files (conditions of the measurement)")
     a = ap.parse_args(argv)
     run = Path(a.run)
-    load_start = os.getloadavg()
+    load = Load()
     prep = prepare(run, a.data, a.vae, a.threads) if a.data else None
     if a.fresh and (run / "eval" / "cache").is_dir():
         shutil.rmtree(run / "eval" / "cache")
@@ -100,8 +101,7 @@ def main() -> int:
         "wall_seconds": round(wall, 1),
         # CPU time of this process (user + system); with 2 cores and no other load, wall ~ cpu / 2
         "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
-        "load_average_at_start": load_start,
-        "load_average_at_end": os.getloadavg(),
+        **load.record(),
         "prepared": prep,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "torch_threads": a.threads},
@@ -111,8 +111,8 @@ def main() -> int:
     (out / f"evaluate-{a.tag}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     md = (res_dir / "results.md").read_text()
     note = (f"\nProduced by `{bench_cmd}` (wall {wall / 60:.1f} min on {os.cpu_count()} CPUs, {a.threads} torch "
-            f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; load average at the "
-            f"start {', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}).\n" + (f"\n{a.note}\n" if a.note else ""))
+            f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; "
+            f"{load.footer()}).\n" + (f"\n{a.note}\n" if a.note else ""))
     (out / f"evaluate-{a.tag}.md").write_text(md + note)
     for png in sorted(Path(x) for x in res.get("plots") or []):  # this evaluation's plots, not older ones beside them
         shutil.copy(png, out / f"evaluate-{a.tag}-{png.name}")

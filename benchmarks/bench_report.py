@@ -11,7 +11,6 @@ gallery as benchmarks/results/report-gallery.png and writes benchmarks/results/r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from _results import Load, write_results  # noqa: E402
 from tailfuse.report import run_report  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main() -> int:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    load = os.getloadavg()
+    load = Load()
     t = time.time()
     rep = run_report(a.run, a.name, progress=False)
     build = time.time() - t
@@ -62,19 +62,15 @@ def main() -> int:
         d.quit()
     res = {"command": "python benchmarks/bench_report.py " + " ".join(sys.argv[1:]), "images_in_set": rep["n_items"],
            "report_build_seconds": round(build, 1), "first_page_seconds": [round(x, 3) for x in times],
-           "first_page_cards": cards, "first_page_images": imgs, "machine": platform.platform(),
-           "load_average_at_start": load, "load_average_at_end": os.getloadavg()}
-    (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
+           "first_page_cards": cards, "first_page_images": imgs, "machine": platform.platform(), **load.record()}
     md = ["# Review report: time to the first gallery page in headless chromium", "", f"Command: `{res['command']}`", "",
           f"A set of {rep['n_items']} synthetic images (real ISIC2018-LT run, TAESD, 128 px). The report was written in "
           f"{build:.1f} s (thumbnails, maps, masks and scores made once; reused after). Opening index.html from disk to "
           f"a first page of {cards} cards with all {imgs} images loaded: {', '.join(f'{x:.2f}' for x in times)} s "
           f"({a.repeats} loads; median {sorted(times)[len(times) // 2]:.2f} s).", "",
           "![gallery](report-gallery.png)", "",
-          f"{platform.platform()}; load average at the start {', '.join(f'{x:.1f}' for x in load)}, at the end "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}."]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+          f"{platform.platform()}; {load.footer()}."]
+    write_results(out, "report", res, md)
     return 0
 
 
