@@ -54,7 +54,7 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
     g.add_argument("--cam-layer", choices=["full", "half"], help="layer of C the maps come from: full (latent) resolution (default) or half")
     g.add_argument("--neighbours", type=int, help="head neighbours per tail sample (default 3)")
-    g.add_argument("--index", choices=["auto", "exact", "faiss-flat", "faiss-hnsw"], help="neighbour search (default auto: exact up to 20,000 head samples, then faiss HNSW)")
+    g.add_argument("--index", choices=["auto", "exact", "faiss-flat", "faiss-hnsw"], help="neighbour search (default auto: exact up to 50,000 head samples, then faiss HNSW)")
     n = g.add_mutually_exclusive_group()
     n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
     n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")

@@ -14,7 +14,12 @@ import torch
 from ..errors import TailfuseError
 
 INDEX_KINDS = ("auto", "exact", "faiss-flat", "faiss-hnsw")
-AUTO_EXACT_MAX = 20000  # pools up to this size are searched exactly with torch
+# Pools up to this size are searched exactly with torch, larger ones with faiss HNSW. Measured on 25,732 head maps
+# of 64 x 64 and 4,302 tail maps, one thread (benchmarks/results/neighbours-50k.md): exact 66 s, HNSW 58 s with 82 % of
+# the exact neighbours, and a fuse of that size spends about 50 min on its saliency maps. Exact search grows with
+# tail x head maps, so at 50,000 head maps it takes a few minutes, still a few per cent of such a fuse; beyond that
+# HNSW's speed is worth its approximation.
+AUTO_EXACT_MAX = 50000
 
 
 POOL_BLOCK_VALUES = 1 << 22  # float64 values of the pool compared at once (32 MiB): bounded, whatever the pool size
