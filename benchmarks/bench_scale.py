@@ -179,7 +179,6 @@ def timed(cmd: list[str], env: dict, stop_after: float | None = None) -> dict:
     return {"seconds": round(time.time() - t, 1), "peak_rss_bytes_per_process": workers, "stopped": stopped.is_set()}
 
 
-
 def _clear_decode(run: Path) -> None:
     """Remove what an earlier decode timing left in ``run`` (images, its stage record, the round trips), so the next
     timing does all of decode's work."""
@@ -227,7 +226,8 @@ def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment
 
     load0, before = os.getloadavg(), done()
     dec = timed([*pre, "decode", "--run", str(run), "--name", "dec", "--quiet"], _env(1), stop_after=segment)
-    segments.append({**dec, "before": before, "after": done(), "load_average_at_start": load0,
+    segments.append({**dec, "command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]),
+                     "before": before, "after": done(), "load_average_at_start": load0,
                      "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_json_atomic(log_file, segments)
     if dec["stopped"]:
