@@ -32,16 +32,15 @@ from _results import Load, machine, write_results  # noqa: E402
 
 
 def _maps(run: Path):
-    """The run's saliency table and maps (the first saliency stage), as fuse reads them."""
-    from tailfuse.store import RunStore, ShardSet
+    """The run's saliency table, maps and folder (its first saliency stage), as fuse reads them, and the run."""
+    from tailfuse.fusion.stage import saliency_maps
+    from tailfuse.store import RunStore
 
     store = RunStore(run)
     name = next((k for k in store.stages() if k.startswith("saliency-")), None)
     if name is None or store.stage(name).get("status") != "done":
         raise SystemExit(f"{run} has no finished saliency maps: run `tailfuse fuse --run {run}` first.")
-    rec = store.stage(name)
-    folder = run / "saliency" / name[len("saliency-"):]
-    return pd.read_csv(folder / "maps.csv"), ShardSet(folder, rec["files"], id_key="row_id", key="maps"), folder, store
+    return (*saliency_maps(store, name[len("saliency-"):]), store)
 
 
 def one(run: Path, index: str, k: int, out: Path) -> None:

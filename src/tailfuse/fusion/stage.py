@@ -105,6 +105,14 @@ def model_identity(store: RunStore, model: str, generation: int | None) -> tuple
     return gen, file_sha256(path)
 
 
+def saliency_maps(store: RunStore, tag: str) -> tuple[pd.DataFrame, ShardSet, Path]:
+    """A finished saliency stage ``saliency-<tag>``: its table (which sample, role and target each map is for), its
+    maps by ``row_id``, and its folder."""
+    folder = store.root / "saliency" / tag
+    files = store.stage(f"saliency-{tag}")["files"]
+    return pd.read_csv(folder / "maps.csv"), ShardSet(folder, files, id_key="row_id", key="maps"), folder
+
+
 def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: str, progress: bool) -> tuple[pd.DataFrame, ShardSet, Path]:
     """Maps for every training sample (its target labels); cached per model, generation and CAM method."""
     tag = f"{cfg.model}-g{gen:02d}-{cfg.cam}-{cfg.cam_layer}"
@@ -114,8 +122,7 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
     config_hash = stable_hash({"model": model_sha, "cam": cfg.cam, "layer": cfg.cam_layer, "inputs": enc["inputs_hash"]})
     st = Stage.open(store, name, config_hash, what="saliency maps", wipe=[folder], inputs={"model": model_sha})
     if st.done:
-        table = pd.read_csv(folder / "maps.csv")
-        return table, ShardSet(folder, st.record["files"], id_key="row_id", key="maps"), folder
+        return saliency_maps(store, tag)
     labels_info = store.labels()
     labels, tail = labels_info["labels"], labels_info["tail_labels"]
     samples = store.samples()

@@ -155,11 +155,9 @@ def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress:
     map_row = {}
     sal = _saliency_folder(store, ls) if fused else None
     if sal is not None:
-        from ..store import ShardSet
+        from ..fusion.stage import saliency_maps
 
-        maps_csv = pd.read_csv(sal / "maps.csv")
-        rec = store.stage(f"saliency-{sal.name}")
-        maps = ShardSet(sal, rec["files"], id_key="row_id", key="maps")
+        maps_csv, maps, _ = saliency_maps(store, sal.name)
         for r in maps_csv.itertuples():
             map_row[(int(r.sample_id), r.role, int(r.target))] = int(r.row_id)
         need = set()
