@@ -151,8 +151,8 @@ def _tree_rss(pid: int) -> dict[int, int]:
 
 def timed(cmd: list[str], env: dict, stop_after: float | None = None) -> dict:
     """Wall time and the peak RSS of every python process of the command's tree. ``stop_after`` (seconds): stop
-    the command then with SIGTERM, as a kill would (tailfuse keeps its finished shards); ``stopped`` says whether
-    it was."""
+    the command then with SIGTERM, as a kill would (tailfuse, with one process or several, keeps its finished
+    shards); ``stopped`` says whether it was."""
     t = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak: dict[int, int] = {}

@@ -131,6 +131,63 @@ def test_two_processes_write_the_same_bytes_as_one(tmp_path):
     assert rec["status"] == "done" and sorted(rec["shards"]) == ["0", "1", "2"]  # shards from both processes
 
 
+def test_a_stop_of_the_multi_process_launcher_stops_every_process_and_the_run_resumes(tmp_path):
+    """`kill` (SIGTERM) of the `tailfuse --processes 2` process alone reaches torchrun and both workers: all of them
+    end, the launcher returns 130 as one process does, no process of the tree outlives it (they would hold the run's
+    lock and go on writing), and the same command then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tiny import coloured_manifest, tiny_autoencoder_tiny
+
+    tiny_autoencoder_tiny(tmp_path / "vae")
+    coloured_manifest(tmp_path, 200, 48, seed=0)
+    (tmp_path / "run.yaml").write_text(
+        "train: {generations: 3, epochs: 40, k: 8, dim: 4, tau: 0.3, width_e: 8, blocks_e: 1, width_d: 8, blocks_d: 1, "
+        "width_c: 8, batch_size: 16}\nencode: {batch_size: 8, shard_size: 16}\n"
+        "fuse: {per_class: 20, shard_size: 8, batch_size: 4}\ndecode: {shard_size: 8}\n"
+        "data: {image_size: 64, tail_labels: [t]}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "tailfuse", "--processes", "2", "run", "--data", str(tmp_path / "in" / "m.csv"),
+           "--vae", str(tmp_path / "vae"), "--config", str(tmp_path / "run.yaml"), "--run", str(tmp_path / "r"),
+           "--quiet"]
+
+    def tree(pid):  # the process and its descendants, from /proc
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                with open(f"/proc/{p}/task/{p}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out.append(p)
+            todo += kids
+        return out
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "r" / "train").glob("gen-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # stop it while the workers train (the encode stage has finished by then)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    pids = tree(proc.pid)
+    assert len(pids) >= 4  # the launcher, torchrun and two workers
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-3000:]
+    time.sleep(1)
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert alive == [], alive
+    assert not (tmp_path / "r" / "synthetic" / "manifest.csv").exists()  # it was stopped before the end
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "r" / "synthetic" / "manifest.csv")) == 20
+
+
 def test_data_parallel_training_matches_one_process(tmp_path):
     """`tailfuse --processes 2 train --ddp`: both processes train on halves of every batch with averaged gradients;
     the model's figures equal single-process training up to floating-point order."""

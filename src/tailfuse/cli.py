@@ -468,10 +468,27 @@ def _relaunch(argv: list[str], n: int) -> int:
         elif not a.startswith("--processes="):
             rest.append(a)
     # the command line travels in the environment: torchrun would read options such as --run as its own
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "tailfuse"]
+    cmd = [sys.executable, "-m", "tailfuse._torchrun", "--standalone", "--nproc_per_node", str(n), "-m", "tailfuse"]
     env = dict(os.environ, TAILFUSE_ARGV=json.dumps(rest))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    return subprocess.call(cmd, env=env)
+    # torchrun runs in its own process group and this process passes a stop on to it exactly once: a `kill` of this
+    # process alone would otherwise leave torchrun and its workers running (holding the run's lock), and Ctrl-C in
+    # a terminal would reach torchrun twice (from the terminal and from us) and cut its shutdown of the workers short
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        if not got:
+            got.append(signum)
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 130 if got else rc  # as one process returns when stopped (its workers said so)
 
 
 def main(argv: list[str] | None = None) -> int:
