@@ -131,6 +131,27 @@ def test_two_processes_write_the_same_bytes_as_one(tmp_path):
     assert rec["status"] == "done" and sorted(rec["shards"]) == ["0", "1", "2"]  # shards from both processes
 
 
+def test_the_main_process_progress_bar_ends_at_the_total_with_uneven_shares():
+    """With N processes the main process's bar moves N steps for each of its own items; 25 shards of 8 over 2
+    processes give the main process 13 of them, and its bar must end at 200 of 200, not 208."""
+    import io
+
+    from tqdm import tqdm
+
+    from tailfuse.dist import Dist
+
+    out = io.StringIO()
+    bar = tqdm(total=200, file=out, mininterval=0)
+    seen = []
+    for shard in range(25):
+        if Dist(rank=0, world=2).owns(shard):
+            Dist(rank=0, world=2).advance(bar, 8)
+            seen.append(bar.n)
+    bar.close()
+    assert seen == sorted(seen) and seen[-1] == 200 and len(seen) == 13
+    assert "200/200" in out.getvalue() and "208" not in out.getvalue()
+
+
 def test_a_stop_of_the_multi_process_launcher_stops_every_process_and_the_run_resumes(tmp_path):
     """`kill` (SIGTERM) of the `tailfuse --processes 2` process alone reaches torchrun and both workers: all of them
     end, the launcher returns 130 as one process does, no process of the tree outlives it (they would hold the run's
@@ -179,9 +200,15 @@ def test_a_stop_of_the_multi_process_launcher_stops_every_process_and_the_run_re
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err and "Traceback" not in err, err[-3000:]
+    def running(p):  # neither gone nor a zombie (state "Z", after the ")" that ends the command name)
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     time.sleep(1)
-    alive = [p for p in pids if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
-    assert alive == [], alive
+    assert [p for p in pids if running(p)] == []
     assert not (tmp_path / "r" / "synthetic" / "manifest.csv").exists()  # it was stopped before the end
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -196,7 +196,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
                     p = out / paths[int(sid)]
                     p.parent.mkdir(parents=True, exist_ok=True)
                     save_png(img, str(p), grey=grey)
-                bar.update(len(ids) * dist.world)
+                dist.advance(bar, len(ids))
             st.finish_shard(si, {"n": len(chunk)})
     finally:
         bar.close()

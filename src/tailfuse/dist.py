@@ -34,6 +34,12 @@ class Dist:
     def owns(self, shard: int) -> bool:
         return shard % self.world == self.rank
 
+    def advance(self, bar, n: int) -> None:
+        """Move the main process's progress bar for its own ``n`` items: it shows ``n x world`` as its estimate of
+        all processes' work, never past the bar's total (the processes' shares differ by up to a shard)."""
+        step = n * self.world
+        bar.update(min(step, max(0, bar.total - bar.n)) if bar.total is not None else step)
+
     def broadcast(self, obj):
         """The main process's ``obj`` on every process."""
         if self.world == 1:

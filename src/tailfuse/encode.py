@@ -216,7 +216,7 @@ def run_encode(
                     z = codec.encode(torch.stack([im for _, im in good]))
                     ids.extend(i for i, _ in good)
                     lats.append(z)
-                bar.update(len(batch) * dist.world)
+                dist.advance(bar, len(batch))
             entry = {"n_rows": len(rows), "n": len(ids), "skipped": skipped, "file": None, "sha256": None,
                      "n_colour": n_colour}
             if ids:

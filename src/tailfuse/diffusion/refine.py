@@ -134,7 +134,7 @@ def run_refine(run: str, cfg: RefineConfig, force: bool = False, progress: bool 
                     lats.append(refiner(z.float(), y, d, n, cfg.guidance, noise))
                 if has_mask:
                     masks.append(shards.get(ids, key="mask"))
-                bar.update(len(ids) * dist.world)
+                dist.advance(bar, len(ids))
             tensors = {"latents": torch.cat(lats).float(), "synth_id": torch.from_numpy(np.asarray(ids_si, dtype=np.int64))}
             if has_mask:
                 tensors["mask"] = torch.cat(masks)

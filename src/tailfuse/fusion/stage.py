@@ -154,7 +154,7 @@ def run_saliency(store: RunStore, cfg: FuseConfig, model, gen: int, model_sha: s
                 z = shards.get(sub["sample_id"].to_numpy()).to(device)
                 maps.append(compute_maps(model, z, sub["target"].tolist(), cfg.cam, cfg.cam_layer).cpu())
                 release_memory()  # a long pass must not hold more memory than a short one
-                bar.update(len(sub) * st.dist.world)
+                st.dist.advance(bar, len(sub))
             save_tensors_atomic(folder / files[si], {"maps": torch.cat(maps), "row_id": torch.from_numpy(part["row_id"].to_numpy().copy())})
             st.finish_shard(si, {"file": files[si], "n": len(part)})
             del maps
@@ -396,7 +396,7 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
                         "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,
                         "fuse_hash": config_hash,
                     })
-                bar.update(len(part) * dist.world)
+                dist.advance(bar, len(part))
             save_tensors_atomic(out / files[si], {"latents": torch.cat(lats).float(), "mask": torch.cat(masks),
                                                   "synth_id": torch.tensor([p["synth_id"] for p in prov], dtype=torch.int64)})
             write_csv_atomic(out / "parts" / f"{si:05d}.csv", pd.DataFrame(prov))
