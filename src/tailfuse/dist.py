@@ -1,11 +1,12 @@
 """Several processes on one run: which process this is, which shards it owns, and a barrier.
 
 tailfuse runs as one process unless it was started by a distributed launcher: `tailfuse ... --processes N` (which
-re-launches itself under ``torch.distributed.run``, through ``tailfuse._torchrun``, and passes a stop on to it), ``torchrun --nproc_per_node N -m tailfuse ...`` or ``accelerate
-launch -m tailfuse ...``. Then accelerate's ``PartialState`` joins the process group (gloo on CPUs, NCCL on GPUs), and
-every stage that works in shards hands shard i to process ``i mod N``. Each shard's output depends on the shard alone
-(per-sample random generators, fixed batch boundaries), so N processes write the same bytes as one. The main process
-alone writes shared records (stage records, tables, manifests) after a barrier.
+re-launches itself under ``torch.distributed.run``, through ``tailfuse._torchrun``, and passes a stop on to it),
+``torchrun --nproc_per_node N -m tailfuse ...`` or ``accelerate launch -m tailfuse ...``. Then accelerate's
+``PartialState`` joins the process group (gloo on CPUs, NCCL on GPUs), and every stage that works in shards hands
+shard i to process ``i mod N``. Each shard's output depends on the shard alone (per-sample random generators, fixed
+batch boundaries), so N processes write the same bytes as one. The main process alone writes shared records (stage
+records, tables, manifests) after a barrier.
 """
 
 from __future__ import annotations
