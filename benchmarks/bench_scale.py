@@ -189,14 +189,15 @@ def _clear_decode(run: Path) -> None:
             shutil.rmtree(f) if f.is_dir() else f.unlink()
 
 
-def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment: float | None = None) -> dict | None:
+def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment: float | None = None,
+            dtype: str | None = None) -> dict | None:
     """Time `tailfuse decode` of the first ``count`` fused latents of ``run`` (a set of that size made from the fused
     one, with the fusion masks, so decode does what it does on any fused set: pixel detail on by default).
 
     ``segment`` (seconds): stop decode after that long (it keeps its finished shards and round trips) and return
     None; ``resume``: go on with a decode stopped so, instead of starting afresh. The timing is then the sum of the
     segments' wall times (each segment's start-up and any shard it left unfinished included), and every segment is
-    kept in ``run/dec-segments.json`` and in the result."""
+    kept in ``run/dec-segments.json`` and in the result. ``dtype``: the VAE's (decode's --dtype; default float32)."""
     from tailfuse.latentset import LatentSet
 
     log_file = run / "dec-segments.json"
@@ -225,7 +226,8 @@ def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment
                 "round_trips": sum(1 for _ in (run / "roundtrip").glob("*.png"))}
 
     load0, before = os.getloadavg(), done()
-    dec = timed([*pre, "decode", "--run", str(run), "--name", "dec", "--quiet"], _env(1), stop_after=segment)
+    dec = timed([*pre, "decode", "--run", str(run), "--name", "dec", "--quiet", *(["--dtype", dtype] if dtype else [])],
+                _env(1), stop_after=segment)
     segments.append({**dec, "command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]),
                      "before": before, "after": done(), "load_average_at_start": load0,
                      "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -237,6 +239,7 @@ def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment
     return {"seconds": seconds, "peak_rss_bytes_per_process": peaks, "images": len(ids),
             "images_per_second": round(len(ids) / seconds, 2), "round_trips": done()["round_trips"],
             "settings": RunStore(run).stage("decode-dec").get("settings", {}),
+            "dtype": RunStore(run).stage("decode-dec").get("vae", {}).get("dtype", "float32"),
             **({"segments": segments} if len(segments) > 1 else {})}
 
 
@@ -245,7 +248,7 @@ def _measure(a, work: Path, base: Path, p: int, per: int, n_fused: int) -> dict:
     pre = [sys.executable, "-m", "tailfuse"] + (["--processes", str(p)] if p > 1 else [])
     if a.fused_run:
         run = Path(a.fused_run)
-        dec = _decode(run, pre, a.decode, a.resume, a.segment)
+        dec = _decode(run, pre, a.decode, a.resume, a.segment, a.dtype)
         return {"decode": {**dec, "fused_set_of": str(run)}} if dec else {}
     run = work / f"run-p{p}"
     shutil.rmtree(run, ignore_errors=True)
@@ -254,7 +257,7 @@ def _measure(a, work: Path, base: Path, p: int, per: int, n_fused: int) -> dict:
         if f.name.startswith(("saliency", "fuse", "decode")):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
     fuse = timed([*pre, "fuse", "--run", str(run), "--per-class", str(per), "--quiet"], _env(1))
-    dec = _decode(run, pre, a.decode) if a.decode else None
+    dec = _decode(run, pre, a.decode, dtype=a.dtype) if a.decode else None
     n_train = int((pd.read_csv(run / "samples.csv")["split"] == "train").sum())
     maps = RunStore(run).stage(next(k for k in RunStore(run).stages() if k.startswith("saliency")))
     n_head = int((pd.read_csv(next((run / "saliency").glob("*/maps.csv")))["role"] == "head").sum())
@@ -284,6 +287,7 @@ def main() -> int:
                     help="with --fused-run and one process count: stop decode after this long (its finished shards "
                          "stay) and write no table; --resume goes on with it")
     ap.add_argument("--resume", action="store_true", help="with --fused-run: go on with a decode --segment stopped")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="decode's VAE dtype (default float32)")
     ap.add_argument("--merge", action="append", default=[], metavar="JSON",
                     help="an earlier result file of this script whose figures join this table (repeatable)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -340,7 +344,8 @@ def main() -> int:
                       f"{f['maps_per_second']} maps/s | {_mib(f['peak_rss_bytes_per_process'], p)} |")
         if "decode" in r:
             d = r["decode"]
-            extra = ", pixel detail" if d["settings"].get("pixel_detail") else ""
+            extra = (", pixel detail" if d["settings"].get("pixel_detail") else "") \
+                + (f", {d['dtype']}" if d.get("dtype", "float32") != "float32" else "")
             parts = f"; {len(d['segments'])} segments: {' + '.join(str(x['seconds']) for x in d['segments'])} s" \
                 if d.get("segments") else ""
             md.append(f"| {p} | decode ({d['images']} images, 512 px{extra}{parts}) | {d['seconds']} | "
