@@ -93,27 +93,35 @@ def test_demo_manifest_keeps_every_tail_image_and_caps_the_head(tmp_path):
     assert all(Image.open(p).size == (300, 300) for p in m["path"].head(5))
 
 
-def test_two_processes_write_the_same_bytes_as_one(tmp_path):
-    """`tailfuse --processes 2 run` (torch.distributed.run, gloo on CPUs; each process takes every other shard) writes
-    byte-identical latents, images, manifest and provenance to one process (one thread per process in both)."""
-    import hashlib
+def _tiny_run_project(tmp_path, n_images: int, generations: int, epochs: int) -> tuple[dict, list[str], list[str]]:
+    """A tiny AutoencoderTiny, a coloured 3-label manifest of ``n_images`` and a run.yaml of small models, for
+    `tailfuse run` in subprocesses: returns their environment (one thread, this checkout's src), the launcher
+    (`python -m tailfuse`, where `--processes N` goes) and the command's arguments without `--run`."""
     import os
-    import subprocess
     import sys
 
     from tiny import coloured_manifest, tiny_autoencoder_tiny
 
     tiny_autoencoder_tiny(tmp_path / "vae")
-    coloured_manifest(tmp_path, 60, 48, seed=0)
+    coloured_manifest(tmp_path, n_images, 48, seed=0)
     (tmp_path / "run.yaml").write_text(
-        "train: {generations: 1, epochs: 1, k: 8, dim: 4, tau: 0.3, width_e: 8, blocks_e: 1, width_d: 8, blocks_d: 1, "
-        "width_c: 8, batch_size: 16}\nencode: {batch_size: 8, shard_size: 16}\n"
+        f"train: {{generations: {generations}, epochs: {epochs}, k: 8, dim: 4, tau: 0.3, width_e: 8, blocks_e: 1, "
+        "width_d: 8, blocks_d: 1, width_c: 8, batch_size: 16}\nencode: {batch_size: 8, shard_size: 16}\n"
         "fuse: {per_class: 20, shard_size: 8, batch_size: 4}\ndecode: {shard_size: 8}\n"
         "data: {image_size: 64, tail_labels: [t]}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    base = [sys.executable, "-m", "tailfuse"]
-    args = ["run", "--data", str(tmp_path / "in" / "m.csv"), "--vae", str(tmp_path / "vae"), "--config",
-            str(tmp_path / "run.yaml"), "--quiet"]
+    return env, [sys.executable, "-m", "tailfuse"], ["run", "--data", str(tmp_path / "in" / "m.csv"), "--vae",
+                                                     str(tmp_path / "vae"), "--config", str(tmp_path / "run.yaml"),
+                                                     "--quiet"]
+
+
+def test_two_processes_write_the_same_bytes_as_one(tmp_path):
+    """`tailfuse --processes 2 run` (torch.distributed.run, gloo on CPUs; each process takes every other shard) writes
+    byte-identical latents, images, manifest and provenance to one process (one thread per process in both)."""
+    import hashlib
+    import subprocess
+
+    env, base, args = _tiny_run_project(tmp_path, 60, generations=1, epochs=1)
     for run, extra in (("one", []), ("two", ["--processes", "2"])):
         r = subprocess.run([*base, *extra, *args, "--run", str(tmp_path / run)], env=env, capture_output=True, text=True,
                            timeout=600)
@@ -156,59 +164,27 @@ def test_a_stop_of_the_multi_process_launcher_stops_every_process_and_the_run_re
     """`kill` (SIGTERM) of the `tailfuse --processes 2` process alone reaches torchrun and both workers: all of them
     end, the launcher returns 130 as one process does, no process of the tree outlives it (they would hold the run's
     lock and go on writing), and the same command then finishes the run."""
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
-    from tiny import coloured_manifest, tiny_autoencoder_tiny
+    import psutil
 
-    tiny_autoencoder_tiny(tmp_path / "vae")
-    coloured_manifest(tmp_path, 200, 48, seed=0)
-    (tmp_path / "run.yaml").write_text(
-        "train: {generations: 3, epochs: 40, k: 8, dim: 4, tau: 0.3, width_e: 8, blocks_e: 1, width_d: 8, blocks_d: 1, "
-        "width_c: 8, batch_size: 16}\nencode: {batch_size: 8, shard_size: 16}\n"
-        "fuse: {per_class: 20, shard_size: 8, batch_size: 4}\ndecode: {shard_size: 8}\n"
-        "data: {image_size: 64, tail_labels: [t]}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    cmd = [sys.executable, "-m", "tailfuse", "--processes", "2", "run", "--data", str(tmp_path / "in" / "m.csv"),
-           "--vae", str(tmp_path / "vae"), "--config", str(tmp_path / "run.yaml"), "--run", str(tmp_path / "r"),
-           "--quiet"]
-
-    def tree(pid):  # the process and its descendants, from /proc
-        out, todo = [], [pid]
-        while todo:
-            p = todo.pop()
-            try:
-                with open(f"/proc/{p}/task/{p}/children") as f:
-                    kids = [int(c) for c in f.read().split()]
-            except OSError:
-                continue
-            out.append(p)
-            todo += kids
-        return out
-
+    env, base, args = _tiny_run_project(tmp_path, 200, generations=3, epochs=40)
+    cmd = [*base, "--processes", "2", *args, "--run", str(tmp_path / "r")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list((tmp_path / "r" / "train").glob("gen-*")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)  # stop it while the workers train (the encode stage has finished by then)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    pids = tree(proc.pid)
-    assert len(pids) >= 4  # the launcher, torchrun and two workers
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 4  # the launcher, torchrun and two workers
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted" in err and "Traceback" not in err, err[-3000:]
-    def running(p):  # neither gone nor a zombie (state "Z", after the ")" that ends the command name)
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
     time.sleep(1)
-    assert [p for p in pids if running(p)] == []
+    assert [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     assert not (tmp_path / "r" / "synthetic" / "manifest.csv").exists()  # it was stopped before the end
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
