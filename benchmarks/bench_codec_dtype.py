@@ -15,7 +15,6 @@ their decode times and the PSNR of bfloat16's fused images against float32's joi
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -27,9 +26,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 
 from _results import Load, machine, write_results  # noqa: E402
-from bench_codec_layout import _best  # noqa: E402
+from bench_codec_layout import codec_bench_args, png_levels, real_batches, time_codec  # noqa: E402
 from tailfuse.codec import VAECodec  # noqa: E402
-from tailfuse.images import load_image  # noqa: E402
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,41 +67,30 @@ def _end_to_end(results: list[str], dirs: list[str] | None) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vae", required=True)
-    ap.add_argument("--data", required=True, help="a dataset folder with images/ (ISIC2018-LT)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = codec_bench_args(__doc__)
     ap.add_argument("--scale-results", nargs=2, metavar=("FLOAT32_JSON", "BFLOAT16_JSON"),
                     help="bench_scale.py decode results of one fused set with each dtype")
     ap.add_argument("--images", nargs=2, metavar=("FLOAT32_DIR", "BFLOAT16_DIR"),
                     help="the images those two decodes wrote (same file names)")
-    ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    files = sorted(Path(a.data, "images").glob("*.png"))[:32]
     load = Load()
     rows = []
-    for size, batch in ((128, 32), (512, 4)):
-        x = torch.stack([load_image(str(f), size) for f in files[:batch]])
-        res = {}
+    for size, batch, x in real_batches(a.data, a.threads):
+        res, codecs = {}, {}
         for dtype in ("float32", "bfloat16"):
-            codec = VAECodec.load(a.vae, dtype=dtype)
-            te, z = _best(codec.encode, x, a.repeats)
-            td, y = _best(codec.decode, z, a.repeats)
-            res[dtype] = {"encode_s": te, "decode_s": td, "y": y.float().cpu()}
+            codecs[dtype] = VAECodec.load(a.vae, dtype=dtype)
+            res[dtype] = time_codec(codecs[dtype], x, a.repeats)
         f, b = res["float32"], res["bfloat16"]
         # bfloat16's decode of float32's latents, so that the decode difference alone is measured
-        y_b_of_f = VAECodec.load(a.vae, dtype="bfloat16").decode(
-            VAECodec.load(a.vae).encode(x)).float().cpu()
-        y8 = lambda t: (t * 255).round()  # noqa: E731  (the PNG levels save_png writes)
+        y_b_of_f = codecs["bfloat16"].decode(f["z"])
         rows.append({"size": size, "batch": batch, "threads": a.threads,
                      **{f"{k}_{d}_s": round(res[d][f"{k}_s"], 3) for k in ("encode", "decode") for d in res},
                      "encode_speedup": round(f["encode_s"] / b["encode_s"], 2),
                      "decode_speedup": round(f["decode_s"] / b["decode_s"], 2),
                      "decode_psnr_bf16_vs_fp32_db": _psnr(y_b_of_f, f["y"]),
-                     "png_levels_differing_fraction": float((y8(y_b_of_f) != y8(f["y"])).float().mean()),
-                     "max_png_level_diff": float((y8(y_b_of_f) - y8(f["y"])).abs().max()),
+                     "png_levels_differing_fraction":
+                         float((png_levels(y_b_of_f) != png_levels(f["y"])).float().mean()),
+                     "max_png_level_diff": float((png_levels(y_b_of_f) - png_levels(f["y"])).abs().max()),
                      "roundtrip_psnr_fp32_db": _psnr(f["y"], x), "roundtrip_psnr_bf16_db": _psnr(b["y"], x)})
         print(json.dumps(rows[-1]))
     flags = sorted({w for w in open("/proc/cpuinfo").read().split() if w in ("avx512_bf16", "amx_bf16", "amx_tile")}) \

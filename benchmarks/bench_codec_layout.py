@@ -37,30 +37,50 @@ def _best(fn, x, repeats: int) -> tuple[float, torch.Tensor]:
     return min(times), out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def codec_bench_args(doc: str) -> argparse.ArgumentParser:
+    """The options the codec benchmarks share: --vae, --data, --threads, --repeats, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vae", required=True)
     ap.add_argument("--data", required=True, help="a dataset folder with images/ (ISIC2018-LT)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results"))
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    files = sorted(Path(a.data, "images").glob("*.png"))[:32]
+    return ap
+
+
+def real_batches(data: str, threads: int):
+    """Sets torch's thread count and yields (size, batch, images in [0, 1]) of the dataset's first real images at
+    128 px (the default, a batch of 32) and 512 px (Stable Diffusion's native size, a batch of 4)."""
+    torch.set_num_threads(threads)
+    files = sorted(Path(data, "images").glob("*.png"))[:32]
+    for size, batch in ((128, 32), (512, 4)):
+        yield size, batch, torch.stack([load_image(str(f), size) for f in files[:batch]])
+
+
+def time_codec(codec: VAECodec, x: torch.Tensor, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds of encoding ``x`` and decoding its latents, with the latents and images."""
+    te, z = _best(codec.encode, x, repeats)
+    td, y = _best(codec.decode, z, repeats)
+    return {"encode_s": te, "decode_s": td, "z": z, "y": y}
+
+
+def png_levels(images01: torch.Tensor) -> torch.Tensor:
+    """The 8-bit levels save_png writes for images in [0, 1]."""
+    return (images01 * 255).round()
+
+
+def main() -> int:
+    a = codec_bench_args(__doc__).parse_args()
     load = Load()
     rows = []
-    for size, batch in ((128, 32), (512, 4)):
-        x = torch.stack([load_image(str(f), size) for f in files[:batch]])
+    for size, batch, x in real_batches(a.data, a.threads):
         res = {}
         for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
             codec = VAECodec.load(a.vae)
             codec.memory_format = fmt
             codec.vae.to(memory_format=fmt)
-            te, z = _best(codec.encode, x, a.repeats)
-            td, y = _best(codec.decode, z, a.repeats)
-            res[layout] = {"encode_s": te, "decode_s": td, "z": z, "y": y}
+            res[layout] = time_codec(codec, x, a.repeats)
         n, c = res["nchw"], res["channels_last"]
-        y8 = lambda t: (t * 255).round()  # noqa: E731  (the PNG levels save_png writes)
         rows.append({"size": size, "batch": batch, "threads": a.threads,
                      **{f"{k}_{layout}_s": round(res[layout][f"{k}_s"], 3) for k in ("encode", "decode")
                         for layout in res},
@@ -68,8 +88,8 @@ def main() -> int:
                      "decode_speedup": round(n["decode_s"] / c["decode_s"], 2),
                      "max_latent_diff": float((n["z"] - c["z"]).abs().max()),
                      "max_image_diff": float((n["y"] - c["y"]).abs().max()),
-                     "png_levels_differing_fraction": float((y8(n["y"]) != y8(c["y"])).float().mean()),
-                     "max_png_level_diff": float((y8(n["y"]) - y8(c["y"])).abs().max())})
+                     "png_levels_differing_fraction": float((png_levels(n["y"]) != png_levels(c["y"])).float().mean()),
+                     "max_png_level_diff": float((png_levels(n["y"]) - png_levels(c["y"])).abs().max())})
         print(json.dumps(rows[-1]))
     res = {"command": "python benchmarks/bench_codec_layout.py " + " ".join(sys.argv[1:]), "rows": rows,
            "torch": torch.__version__, "machine": machine(), **load.record()}

@@ -236,10 +236,10 @@ def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment
         return None
     seconds = round(sum(x["seconds"] for x in segments), 1)
     peaks = max((x["peak_rss_bytes_per_process"] for x in segments), key=lambda v: v[:1])
+    rec = RunStore(run).stage("decode-dec")
     return {"seconds": seconds, "peak_rss_bytes_per_process": peaks, "images": len(ids),
             "images_per_second": round(len(ids) / seconds, 2), "round_trips": done()["round_trips"],
-            "settings": RunStore(run).stage("decode-dec").get("settings", {}),
-            "dtype": RunStore(run).stage("decode-dec").get("vae", {}).get("dtype", "float32"),
+            "settings": rec.get("settings", {}), "dtype": rec.get("vae", {}).get("dtype", "float32"),
             **({"segments": segments} if len(segments) > 1 else {})}
 
 
