@@ -108,9 +108,12 @@ def test_refinement_is_identity_at_zero_steps_and_grows_with_d(tmp_path, run_dir
     dec = run_decode(str(run), DecodeConfig(name="r5", pixel_detail=True), **QUIET)
     man = pd.read_csv(run / "r5" / "manifest.csv")
     assert dec["n_images"] == len(man) == 6 and all((run / "r5" / p).is_file() for p in man["path"])
-    # deterministic and independent of batching
+    # deterministic and independent of batching: each sample's noise is its own, so batches of 2 give the latents of
+    # batches of 5 up to float rounding (kernels chosen by batch shape round differently on different CPUs); a batch
+    # sharing one noise draw would differ by the size of the noise (about 1)
     run_refine(str(run), RefineConfig(refine="5/10", name="r5b", batch_size=2), **QUIET)
-    assert torch.equal(latent_set(store, "r5")[1].load_all()[1], latent_set(store, "r5b")[1].load_all()[1])
+    torch.testing.assert_close(latent_set(store, "r5b")[1].load_all()[1], latent_set(store, "r5")[1].load_all()[1],
+                               rtol=1e-4, atol=1e-4)
     with pytest.raises(TailfuseError, match="d/N"):
         run_refine(str(run), RefineConfig(refine="12", name="bad"), **QUIET)
     with pytest.raises(TailfuseError, match="0 <= d <= N"):

@@ -512,5 +512,6 @@ def test_batches_hold_a_bounded_number_of_latent_positions():
     assert batch_for(256, (4, 16, 16)) == 256 and batch_for(256, (4, 64, 64)) == 32 and batch_for(8, (4, 64, 64)) == 8
     assert batch_for(256, (4, 1024, 1024)) == 1
     maps = torch.rand(50, 6, 6, generator=torch.Generator().manual_seed(1))
-    for how in ("rank", "minmax"):
-        assert torch.equal(_normalise(maps, how, 1.0, block=7), _normalise(maps, how, 1.0, block=1024))
+    for how in ("rank", "minmax"):  # the same maps whatever the block (up to float rounding, which varies by CPU)
+        torch.testing.assert_close(_normalise(maps, how, 1.0, block=7), _normalise(maps, how, 1.0, block=1024),
+                                   rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@ the demo's dataset."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,8 @@ def test_the_main_process_progress_bar_ends_at_the_total_with_uneven_shares():
             seen.append(bar.n)
     bar.close()
     assert seen == sorted(seen) and seen[-1] == 200 and len(seen) == 13
-    assert "200/200" in out.getvalue() and "208" not in out.getvalue()
+    counts = [int(n) for n in re.findall(r"(\d+)/200\b", out.getvalue())]  # the bar's counter, not its speed
+    assert counts and counts[-1] == 200 and max(counts) == 200
 
 
 def test_a_stop_of_the_multi_process_launcher_stops_every_process_and_the_run_resumes(tmp_path):
