@@ -221,7 +221,9 @@ def test_provenance_complete_and_consistent(tmp_path, trained):
         assert len(r.model_sha256) == 64 and r.cam == "gradcam"
     man = pd.read_csv(run / "synthetic" / "manifest.csv")
     soft = [f"soft_{lab}" for lab in labels]  # soft labels are on by default; the 0/1 columns stay
-    assert list(man.columns) == ["path", "split", *labels, *soft] and (man["split"] == "synthetic").all()
+    # the input's metadata column 'site' too, valued as each image's tail source
+    assert list(man.columns) == ["path", "split", *labels, "site", *soft] and (man["split"] == "synthetic").all()
+    assert man["site"].tolist() == [samples.loc[i, "site"] for i in syn["tail_sample_id"]]
     assert ((man[soft] >= 0) & (man[soft] <= 1)).all().all() and (man[soft].to_numpy() <= man[labels].to_numpy()).all()
     assert all((run / "synthetic" / p).is_file() for p in man["path"])
     prov = [json.loads(x) for x in (run / "synthetic" / "provenance.jsonl").read_text().splitlines()]

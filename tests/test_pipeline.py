@@ -47,7 +47,9 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
     # the input's layout: its path column, split 'synthetic', one 0/1 column per label, then the soft targets (on
     # by default): multi-class, a unit of label mass split between the tail label and the head image's label
     soft = [f"soft_{lab}" for lab in labels]
-    assert list(man.columns) == ["path", "split", *labels, *soft] and (man["split"] == "synthetic").all()
+    # and the input's other columns (ISIC: isic_id; COVID: patient_id, view, license), valued as the tail source
+    meta = [c for c in pd.read_csv(manifest).columns if c not in ("path", "split", *labels)]
+    assert meta and list(man.columns) == ["path", "split", *labels, *meta, *soft] and (man["split"] == "synthetic").all()
     assert man[labels].isin([0, 1]).all().all() and ((man[soft] >= 0) & (man[soft] <= 1)).all().all()
     if not multi:
         assert np.allclose(man[soft].sum(axis=1), 1.0)
@@ -66,6 +68,7 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
         expect = np.maximum(y_t, y_h) if multi else (np.array(labels) == p["tail_label"]).astype(int)
         assert (row[labels].to_numpy(int) == expect).all()  # union policy (multi-label), tail label (multi-class)
         assert 0 < p["tail_share"] < 1 and p["detail"] == "residual"
+        assert [str(row[c]) for c in meta] == [str(t[c]) for c in meta]  # e.g. the tail source's patient and view
     assert len(digests) == len(man)  # no two synthetic images identical
 
     resolved = yaml.safe_load((run / "run.yaml").read_text())

@@ -227,7 +227,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     if dist.is_main:
         _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"),
                                        {"pixel_detail": detail, "pixel_composite": cfg.pixel_composite},
-                                       labels_info.get("label_column"))
+                                       labels_info.get("label_column"), _source_metadata(store, labels_info))
     extra = dist.broadcast(extra)
     n_kept = dist.broadcast(int(keep.sum()))
     rec = st.finish(n_images=n_kept, n_decoded=len(table), **extra)
@@ -236,8 +236,19 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     return rec
 
 
+def _source_metadata(store: RunStore, labels_info: dict) -> pd.DataFrame:
+    """The input's metadata columns (view, cell_type, patient_id, ...) of every real sample, by sample_id."""
+    cols = [c for c in labels_info.get("metadata_columns") or [] if c != labels_info.get("label_column")]
+    samples = store.samples()
+    return samples.set_index("sample_id")[[c for c in cols if c in samples.columns]]
+
+
 def _write_manifest_and_provenance(out: Path, table: pd.DataFrame, keep: np.ndarray, labels: list[str], path_col: str,
-                                   pixel: dict, label_column: str | None = None) -> None:
+                                   pixel: dict, label_column: str | None = None,
+                                   metadata: pd.DataFrame | None = None) -> None:
+    """The manifest in the input's layout: path, split ``synthetic``, the label column(s), and the input's metadata
+    columns with the values of each image's tail source (empty for images made from noise), so the augmented set can
+    be split or grouped like the real one (by patient, view, ...)."""
     chosen = table[keep]
     manifest = pd.DataFrame({path_col: chosen["path"].to_numpy(), "split": "synthetic"})
     if label_column:  # the input named classes in one column: so does the manifest ('A|B' for several)
@@ -245,6 +256,10 @@ def _write_manifest_and_provenance(out: Path, table: pd.DataFrame, keep: np.ndar
         manifest[label_column] = ["|".join(lab for lab, v in zip(labels, row) if v) for row in onehot]
     for lab in labels:
         manifest[lab] = chosen[lab].astype(int).to_numpy()
+    if metadata is not None and len(metadata.columns):
+        source = chosen["tail_sample_id"].astype(int) if "tail_sample_id" in chosen.columns else None
+        for c in metadata.columns:
+            manifest[c] = metadata[c].reindex(source).to_numpy() if source is not None else ""
     soft_cols = [f"soft_{lab}" for lab in labels if f"soft_{lab}" in table.columns]
     for c in soft_cols:
         manifest[c] = chosen[c].to_numpy()
