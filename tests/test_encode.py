@@ -110,9 +110,11 @@ def test_strict_makes_unreadable_images_fatal_and_keeps_finished_shards(tmp_path
 
 
 def test_run_folder_inside_input_refused(tmp_path, tiny_vae):
-    manifest = _make_input(tmp_path / "in", bad=False)
-    with pytest.raises(TailfuseError, match="never writes into its input"):
-        _encode(manifest, tiny_vae, tmp_path / "in" / "run")
+    manifest = _make_input(tmp_path / "in", bad=False)  # images in in/img/
+    for run in (tmp_path / "in" / "img" / "run", tmp_path / "in"):  # among the images; the manifest's own folder
+        with pytest.raises(TailfuseError, match="never writes into its input"):
+            _encode(manifest, tiny_vae, run)
+    assert _encode(manifest, tiny_vae, tmp_path / "in" / "runs" / "x")["status"] == "done"  # beside them: fine
 
 
 def test_rerun_skips_done_stage_and_refuses_other_settings(tmp_path, tiny_vae):

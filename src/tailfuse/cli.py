@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import load_yaml, resolve
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 from .evaluation.cli_args import add_evaluate_parser, cmd_evaluate
 
 
@@ -51,15 +51,23 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fusion")
     g.add_argument("--model", help="trained model to use (default train; train-no-imitation for the ablation)")
     g.add_argument("--generation", type=int, help="generation of the model (default: the last)")
-    g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
-    g.add_argument("--cam-layer", choices=["full", "half"], help="layer of C the maps come from: full (latent) resolution (default) or half")
-    g.add_argument("--neighbours", type=int, help="head neighbours per tail sample (default 3)")
-    g.add_argument("--index", choices=["auto", "exact", "faiss-flat", "faiss-hnsw"], help="neighbour search (default auto: exact up to 50,000 head samples, then faiss HNSW)")
+    _add_fusion_flags(g)
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--name", help="output folder in the run (default synthetic)")
+    _add_refine_flags(g)
+
+
+def _add_fusion_flags(g) -> None:
+    """How many samples and how they are fused: the flags `fuse` and `run` share."""
     n = g.add_mutually_exclusive_group()
     n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
     n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
     n.add_argument("--sampling-strategy", help="the budget as imbalanced-learn's sampling_strategy: auto (each tail label up to the median head-label count, at most --max-ratio x its own), a ratio of the median head-label count, or a mapping '{BCC: 150, DF: 100}' of target counts")
     g.add_argument("--max-ratio", type=float, help="auto / ratio budgets: a tail label grows to at most this multiple of its real count (default 5)")
+    g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
+    g.add_argument("--cam-layer", choices=["full", "half"], help="layer of C the maps come from: full (latent) resolution (default) or half")
+    g.add_argument("--neighbours", type=int, help="head neighbours per tail sample (default 3)")
+    g.add_argument("--index", choices=["auto", "exact", "faiss-flat", "faiss-hnsw"], help="neighbour search (default auto: exact up to 50,000 head samples, then faiss HNSW)")
     g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data: tail + head sample's labels (union, default), the head's only when at least half of its salient region was kept (kept), or the tail sample's only (tail)")
     g.add_argument("--code", choices=["hard", "soft"], help="splice one-hot symbols (hard, default) or code probabilities")
     g.add_argument("--detail", choices=["none", "residual"], help="add back what the code does not carry (z - D(code)) from each position's source (default residual)")
@@ -71,9 +79,6 @@ def _add_fuse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--neighbours-within", help="metadata column: head partners only among head images with the same value (e.g. view, cell_type, site)")
     g.add_argument("--candidates", type=int, help="candidates made per synthetic sample; decode keeps the best by the real-data classifier's probability of the tail label (default 1: no selection)")
     g.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="soft targets by each source's share of the fused sample (columns soft_<label> in the manifest; default on, --no-soft-labels for hard labels only)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
-    g.add_argument("--name", help="output folder in the run (default synthetic)")
-    _add_refine_flags(g)
 
 
 def _add_refine_flags(g) -> None:
@@ -115,8 +120,16 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
                    help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option prints one line naming it and where the options are listed, not the whole usage
+    block of a command with forty options (sub-commands inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every option)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="tailfuse",
         description="Synthetic training images for the rare classes of long-tailed image datasets, made in the "
         "latent space of a pretrained diffusion VAE by iterated learning of sparse codes and saliency-guided fusion.",
@@ -185,15 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="interaction epochs per generation (default 12)")
     g.add_argument("--imitation-epochs", type=int, help="imitation epochs per generation (default 6)")
     g.add_argument("--no-imitation", action="store_true", default=None, help="ablation: interaction phases only")
-    g = p.add_argument_group("fuse (more settings in the YAML section 'fuse')")
-    n = g.add_mutually_exclusive_group()
-    n.add_argument("--per-class", type=int, help="new samples per tail label (default 100)")
-    n.add_argument("--balance-to", type=int, help="top every tail label up to this many training samples")
-    g.add_argument("--cam", choices=["gradcam", "hirescam", "eigencam"], help="saliency method (default gradcam)")
-    g.add_argument("--labels-policy", choices=["union", "kept", "tail"], help="labels of a fused sample on multi-label data (default union)")
-    g.add_argument("--neighbours-within", help="metadata column: head partners only among head images with the same value")
-    g.add_argument("--candidates", type=int, help="candidates per synthetic sample, the best kept (default 1)")
-    g.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="soft targets by each source's share (default on)")
+    g = p.add_argument_group("fuse")
+    _add_fusion_flags(g)
     g = p.add_argument_group("decode")
     _add_decode_quality_args(g)
 
@@ -304,7 +310,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     run_fuse(args.run, cfg, force=bool(args.force), progress=not args.quiet)
     refined = _refine_after(args, doc, cfg.name)
     if refined:
-        print(f"next: tailfuse decode --run {args.run} --name {refined}")
+        print(f"next: tailfuse decode --run {q(args.run)} --name {q(refined)}")
     return 0
 
 
@@ -334,7 +340,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     doc = load_yaml(args.config) if args.config else None
     cfg = resolve("refine", doc, _values(args))
     run_refine(args.run, cfg, force=bool(args.force), progress=not args.quiet)
-    print(f"next: tailfuse decode --run {args.run} --name {cfg.out_name}")
+    print(f"next: tailfuse decode --run {q(args.run)} --name {q(cfg.out_name)}")
     return 0
 
 
@@ -348,7 +354,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run_sample(args.run, {lab: args.per_class for lab in tail}, steps=args.steps, guidance=args.guidance,
                prior=args.prior, seed=args.seed, name=args.name, device=args.device, force=bool(args.force),
                progress=not args.quiet)
-    print(f"next: tailfuse decode --run {args.run} --name {args.name}")
+    print(f"next: tailfuse decode --run {q(args.run)} --name {q(args.name)}")
     return 0
 
 
@@ -423,8 +429,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\ndemo done: {out['decode']['n_images']} synthetic images of the rare grades "
         f"({', '.join(DEMO_TAIL)}).\n  images:      {folder / 'images'}\n  manifest:    {folder / 'manifest.csv'}\n"
-        f"  provenance:  {folder / 'provenance.jsonl'}\n  review page: tailfuse report --run {run}\n"
-        f"  run summary: tailfuse info --run {run}"
+        f"  provenance:  {folder / 'provenance.jsonl'}\n"
+        f"  review page: not made by the demo; `tailfuse report --run {q(run)}` makes it (a few minutes: it scores "
+        f"every image)\n  run summary: tailfuse info --run {q(run)}"
     )
     return 0
 
@@ -491,6 +498,31 @@ def _relaunch(argv: list[str], n: int) -> int:
     return 130 if got else rc  # as one process returns when stopped (its workers said so)
 
 
+def _first_missing(run: Path) -> Path | None:
+    """The outermost folder of ``run``'s path that does not exist yet (what this command would create), or None."""
+    run = Path(os.path.abspath(run.expanduser()))
+    missing = None
+    for p in (run, *run.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_created(run: Path, created: Path) -> None:
+    """Remove a run folder that holds no stage (an early failure) and the parent folders this command created for
+    it, as long as they are empty: nothing that existed before, nor anything another process put there, goes."""
+    shutil.rmtree(run, ignore_errors=True)
+    p = Path(os.path.abspath(run.expanduser())).parent
+    created = Path(os.path.abspath(created))
+    while p == created or created in p.parents:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+        p = p.parent
+
+
 def main(argv: list[str] | None = None) -> int:
     from .dist import world_size_from_env
 
@@ -515,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch(argv, n)
     signal.signal(signal.SIGTERM, _sigterm)
     run = getattr(args, "run", None)
-    created = run is not None and not Path(run).exists()
+    created = _first_missing(Path(run)) if run is not None else None
     if run is not None and args.command in WRITING_COMMANDS:
         from .store import contain_matplotlib
 
@@ -540,8 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        if created and Path(run).is_dir() and not (Path(run) / "stages").exists():
-            shutil.rmtree(run, ignore_errors=True)  # an early failure leaves no empty run folder behind
+        if created is not None and Path(run).is_dir() and not (Path(run) / "stages").exists():
+            _remove_created(Path(run), created)  # an early failure leaves no run folder behind, nor its new parents
 
 
 WRITING_COMMANDS = ("encode", "train", "fuse", "decode", "run", "train-prior", "refine", "sample", "evaluate", "demo",
@@ -557,8 +589,12 @@ def _lock(args):
 
     if args.command not in WRITING_COMMANDS or world_size_from_env() > 1:
         return nullcontext()
-    if getattr(args, "data", None):
-        RunStore(args.run).check_outside([args.data])  # before anything is written
+    if getattr(args, "data", None) or (args.command in ("encode", "run") and args.config):
+        from .data import input_locations
+
+        data = resolve("data", load_yaml(args.config) if args.config else None, _values(args))
+        if data.data:
+            RunStore(args.run).check_outside(input_locations(data))  # before anything is written
     return RunLock(Path(args.run), "tailfuse " + " ".join(sys.argv[1:] if sys.argv[1:] else [args.command]))
 
 
@@ -578,7 +614,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = run_report(args.run, args.name, args.per_page, progress=not args.quiet)
     print(f"report: {out['index']} ({out['n_items']} images); open it in a browser, mark accept / reject, export "
-          f"the decisions, then: tailfuse review --run {args.run} --name {args.name} --decisions <csv>")
+          f"the decisions, then: tailfuse review --run {q(args.run)} --name {q(args.name)} --decisions <csv>")
     return 0
 
 

@@ -51,6 +51,13 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
     label_column: str | None = None  # the input's one column of class names, when it had one
 
+    def locations(self) -> "InputLocations":
+        """What of the input a run must never write into: the manifest, and every folder holding an input image
+        (a folder input's root)."""
+        if self.source == "folder":
+            return InputLocations(files=[], folders=[Path(self.source_path)])
+        return InputLocations(files=[Path(self.source_path)], folders=_image_folders(self.table["abs_path"]))
+
     def label_matrix(self) -> np.ndarray:
         return self.table[self.labels].to_numpy(dtype=np.int64)
 
@@ -62,6 +69,39 @@ class Dataset:
             out[s] = sub[self.labels].sum(axis=0).astype(int) if len(sub) else 0
         out["total"] = out[list(SPLITS)].sum(axis=1)
         return out
+
+
+@dataclass
+class InputLocations:
+    """The parts of the input that tailfuse protects: files (the manifest) and folders (one that holds input images
+    directly, or a folder input's root). A run folder may sit beside them, e.g. in the manifest's own folder."""
+
+    files: list[Path]
+    folders: list[Path]
+
+
+def _image_folders(abs_paths) -> list[Path]:
+    return [Path(d) for d in sorted({os.path.dirname(p) for p in abs_paths})]
+
+
+def _absolute(paths, base: Path) -> list[str]:
+    """Manifest paths made absolute: relative ones against the manifest's folder."""
+    return [os.path.normpath(q if os.path.isabs(q) else os.path.join(base, q)) for q in paths]
+
+
+def input_locations(cfg: DataConfig) -> InputLocations:
+    """``Dataset.locations`` without loading the dataset: cheap enough to check a run folder before anything is
+    written (a manifest is read for its path column only; one that cannot be read gives its own error later)."""
+    p = Path(cfg.data).expanduser()
+    if p.is_dir():
+        return InputLocations(files=[], folders=[p])
+    try:
+        raw = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True, sep=_delimiter(p))
+        raw.columns = [c.strip() for c in raw.columns]
+        paths = [q.strip() for q in raw[cfg.path_column] if q.strip()]
+    except (OSError, KeyError, ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        paths = []
+    return InputLocations(files=[p], folders=_image_folders(_absolute(paths, p.resolve().parent)))
 
 
 def _fmt_lines(lines: list[int], limit: int = 5) -> str:
@@ -178,9 +218,7 @@ def load_manifest(csv: Path, cfg: DataConfig) -> Dataset:
     labels, metadata = _label_columns(raw, csv, cfg)
     table = pd.DataFrame({"line": lines, "path": raw[pc].str.strip()})
     base = csv.resolve().parent
-    table["abs_path"] = [
-        os.path.normpath(q if os.path.isabs(q) else os.path.join(base, q)) for q in table["path"]
-    ]
+    table["abs_path"] = _absolute(table["path"], base)
     dup = table["abs_path"].duplicated(keep=False).to_numpy()
     if dup.any():
         first = table[dup].groupby("abs_path")["line"].apply(list).head(5)
@@ -480,7 +518,7 @@ def histogram(counts: pd.DataFrame, tail: list[str], width: int = 30) -> str:
     """A text class histogram: one row per label with counts per split and a bar of the train count."""
     name_w = max(5, *(len(str(i)) for i in counts.index))
     top = max(1, int(counts["train"].max()))
-    head_line = f"{'label':<{name_w}}  {'role':<4}  {'train':>6} {'val':>5} {'test':>5} {'total':>6}  train"
+    head_line = f"{'label':<{name_w}}  {'role':<4}  {'train':>6} {'val':>5} {'test':>5} {'total':>6}  bar of train"
     out = [head_line, "-" * len(head_line)]
     for lab, row in counts.sort_values("train", ascending=False).iterrows():
         bar = "#" * max(1 if row["train"] else 0, round(width * row["train"] / top))

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 from .store import RunStore
 
 
@@ -63,8 +63,8 @@ class AugmentedImageDataset(Dataset):
         self.real_y = table[self.labels].to_numpy(dtype=np.float32)
         folder = store.root / name
         if not (folder / "manifest.csv").is_file():
-            raise TailfuseError(f"run {store.root} has no decoded set '{name}'; run `tailfuse decode --run {store.root} "
-                                f"--name {name}` first.")
+            raise TailfuseError(f"run {store.root} has no decoded set '{name}'; run `tailfuse decode --run {q(store.root)} "
+                                f"--name {q(name)}` first.")
         accepted = folder / "manifest.accepted.csv"
         use_reviewed = accepted.is_file() if reviewed == "auto" else bool(reviewed)
         if use_reviewed and not accepted.is_file():

@@ -18,7 +18,7 @@ from .codec import VAECodec
 from .config import DataConfig, EncodeConfig, VAEConfig, stable_hash
 from .data import Dataset, histogram, load_dataset, partition
 from .data import validate as validate_data
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 from .images import BadImage, is_colour, load_image, path_problem
 from .dist import current
 from .stage import Stage
@@ -125,7 +125,7 @@ def run_encode(
     head, tail = partition(ds, data_cfg)
     store = RunStore(run)
     if dist.is_main:
-        store.create([ds.source_path])
+        store.create(ds.locations())
     dist.barrier()
     for note in ds.notes:
         log.info(f"note: {note}")
@@ -157,7 +157,7 @@ def run_encode(
         what = "settings (image size, resize, VAE, batch or shard size)" if rec.get("config_hash") != config_hash else "input data"
         raise StageMismatch(
             f"run folder {store.root} holds an encode made with other {what}. Use a new --run folder, "
-            f"or `tailfuse encode --run {store.root} --data {data_cfg.data} --force` discards it and encodes again."
+            f"or `tailfuse encode --run {q(store.root)} --data {q(data_cfg.data)} --force` discards it and encodes again."
         )
     n = len(ds.table)
     n_shards = (n + enc_cfg.shard_size - 1) // enc_cfg.shard_size

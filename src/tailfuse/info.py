@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 from .store import RunStore, lock_holder
 
 
@@ -14,7 +14,7 @@ def run_info(run: str) -> dict:
     if not stages and not store.labels_json.is_file():
         raise TailfuseError(
             f"{store.root} is not a tailfuse run folder (no stages/ records, no labels.json). Make one with "
-            f"`tailfuse run --data <manifest> --run {store.root}` or `tailfuse encode`, or pass the folder given as "
+            f"`tailfuse run --data <manifest> --run {q(store.root)}` or `tailfuse encode`, or pass the folder given as "
             "--run to them."
         )
     out: dict = {"run": str(store.root.resolve()), "stages": {}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from safetensors import safe_open
 
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 from .store import RunStore, ShardSet
 
 KINDS = ("fuse", "refine", "sample", "smote")  # the stages that make latent sets
@@ -34,10 +34,10 @@ class LatentSet:
             rec = store.stage(f"{kind}-{name}")
             if rec is not None:
                 if rec.get("status") != "done":
-                    raise TailfuseError(f"the latent set '{name}' in {store.root} is unfinished; rerun `tailfuse {kind}` "
+                    raise TailfuseError(f"the latent set '{name}' in {store.root} is unfinished; rerun `tailfuse {kind} --run {q(store.root)} --name {q(name)}` "
                                         "to complete it.")
                 return cls(store, name, kind, rec)
-        raise TailfuseError(f"run folder {store.root} has no latent set '{name}'; run `tailfuse fuse --run {store.root}` "
+        raise TailfuseError(f"run folder {store.root} has no latent set '{name}'; run `tailfuse fuse --run {q(store.root)}` "
                             "(or `tailfuse refine` / `tailfuse sample`) first.")
 
     @property

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import stable_hash
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 from .latentset import LatentSet
 from .store import RunStore, write_csv_atomic
 
@@ -36,8 +36,8 @@ def set_id(store: RunStore, name: str) -> str:
     ls = LatentSet.open(store, name)
     dec = store.stage(f"decode-{name}")
     if not dec or dec.get("status") != "done":
-        raise TailfuseError(f"the set '{name}' of {store.root} is not decoded; run `tailfuse decode --run {store.root} "
-                            f"--name {name}` first.")
+        raise TailfuseError(f"the set '{name}' of {store.root} is not decoded; run `tailfuse decode --run {q(store.root)} "
+                            f"--name {q(name)}` first.")
     return stable_hash({"set": ls.record["config_hash"], "decode": dec["config_hash"]})[:16]
 
 

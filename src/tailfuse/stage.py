@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from .dist import Dist, current
+from .errors import q
 from .store import RunStore, StageMismatch, now, sweep_temporary, write_json_atomic
 
 log = logging.getLogger("tailfuse")
@@ -36,17 +37,17 @@ log = logging.getLogger("tailfuse")
 def redo_command(store: RunStore, name: str) -> str:
     """The command that redoes stage ``name`` of a run (for hints: `tailfuse run` itself has no --force)."""
     kind, _, set_name = name.partition("-")
-    run = f"--run {store.root}"
+    run = f"--run {q(store.root)}"
     if name == "encode":
         return f"tailfuse encode {run} --data ... --force"
     if name.startswith("train"):
-        extra = " --no-imitation" if name == "train-no-imitation" else (f" --name {name}" if name != "train" else "")
+        extra = " --no-imitation" if name == "train-no-imitation" else (f" --name {q(name)}" if name != "train" else "")
         return f"tailfuse train {run}{extra} --force"
     if kind in ("fuse", "decode", "refine", "sample"):
-        return f"tailfuse {kind} {run} --name {set_name} --force"
+        return f"tailfuse {kind} {run} --name {q(set_name)} --force"
     if kind == "saliency":
         return f"tailfuse fuse {run} --force"
-    return f"tailfuse train-prior {run} --name {name} --force" if name.startswith("prior") else f"the {kind} command with --force"
+    return f"tailfuse train-prior {run} --name {q(name)} --force" if name.startswith("prior") else f"the {kind} command with --force"
 
 
 class Stage:

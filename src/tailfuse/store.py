@@ -35,7 +35,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import TailfuseError
+from .errors import TailfuseError, q
 
 
 def _current_umask() -> int:
@@ -262,32 +262,42 @@ class RunStore:
         return self.root / "stages" / f"{stage}.json"
 
     # --- checks
-    def check_outside(self, input_paths: list[str] | None) -> None:
-        """Refuse a run folder inside the input folder (the input is never written to)."""
+    def check_outside(self, inputs=None) -> None:
+        """Refuse a run folder that would write into the input (``data.InputLocations``): the folder of the manifest
+        itself, or one inside (or equal to) a folder that holds input images or is a folder input. A run folder
+        beside them, e.g. ``runs/x`` next to ``manifest.csv`` and ``images/``, is fine."""
         root = self.root.resolve()
-        for ip in input_paths or []:
-            inp = Path(ip).resolve()
-            inp_dir = inp if inp.is_dir() else inp.parent
-            if root == inp_dir or inp_dir in root.parents:
-                raise TailfuseError(
-                    f"run folder {root} is inside the input folder {inp_dir}; tailfuse never writes into its input. "
-                    "Choose a --run outside it."
-                )
+        if inputs is not None:
+            for folder in inputs.folders:
+                d = Path(folder).resolve()
+                if root == d or d in root.parents:
+                    raise TailfuseError(
+                        f"run folder {root} is inside {d}, which holds input images; tailfuse never writes into its "
+                        "input. Choose a --run outside it (beside it is fine).")
+            for f in inputs.files:
+                if root == Path(f).resolve().parent:
+                    raise TailfuseError(
+                        f"run folder {root} is the folder of the manifest {Path(f).name}; tailfuse never writes into "
+                        "its input. Choose a --run beside it, e.g. a sub-folder 'runs/<name>'.")
         if root.exists() and not root.is_dir():
             raise TailfuseError(f"run path {root} exists and is not a folder.")
 
-    def create(self, input_paths: list[str] | None = None) -> None:
-        """Make the run folder; refuse one inside the input folder (the input is never written to)."""
-        self.check_outside(input_paths)
+    def create(self, inputs=None) -> None:
+        """Make the run folder; refuse one that would write into the input (see check_outside)."""
+        self.check_outside(inputs)
         self.root.resolve().mkdir(parents=True, exist_ok=True)
 
     def require(self, *stages: str) -> None:
+        start = f"`tailfuse run --data <manifest> --run {q(self.root)}` (or `tailfuse encode`)"
         if not self.root.is_dir():
-            raise TailfuseError(f"run folder {self.root} does not exist; start with `tailfuse encode --run {self.root}`.")
+            raise TailfuseError(f"run folder {self.root} does not exist; start one with {start}.")
+        if not self.stages():
+            raise TailfuseError(f"run folder {self.root} holds no run yet; start one with {start}.")
         for s in stages:
             rec = self.stage(s)
             if not rec or rec.get("status") != "done":
-                raise TailfuseError(f"run folder {self.root}: stage '{s}' has not finished; run `tailfuse {s}` first.")
+                how = start if s == "encode" else f"`tailfuse {s} --run {q(self.root)}`"
+                raise TailfuseError(f"run folder {self.root}: stage '{s}' has not finished; run {how} first.")
 
     # --- stage records
     def stage(self, stage: str) -> dict | None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import PriorConfig, stable_hash
-from ..errors import TailfuseError
+from ..errors import TailfuseError, q
 from ..dist import current
 from ..stage import Stage
 from ..store import RunStore, torch_save_atomic, write_text_atomic
@@ -224,7 +224,7 @@ def load_prior(store: RunStore, name: str = "prior", device: str = "cpu") -> tup
     rec = store.stage(name)
     if not rec or rec.get("status") != "done":
         raise TailfuseError(f"run folder {store.root} has no trained prior '{name}'; run `tailfuse train-prior --run "
-                            f"{store.root}` first.")
+                            f"{q(store.root)}` first.")
     folder = store.root / name / "model"
     return LatentPrior.from_pretrained(folder, device), file_sha256(folder / "model.safetensors")
 

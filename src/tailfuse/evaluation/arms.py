@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DecodeConfig, FuseConfig, TrainConfig, stable_hash
-from ..errors import TailfuseError
+from ..errors import TailfuseError, q
 from ..store import RunStore, StageMismatch, file_sha256, npz_save_atomic, write_csv_atomic
 from .config import FUSION_ARM_DECODE, FUSION_ARMS, ArmSpec, EvaluateConfig
 from .resample import mlsmote, smote_multiclass
@@ -66,7 +66,7 @@ def ensure_no_imitation_model(store: RunStore, cfg: EvaluateConfig, progress: bo
 
     if _model_done(store, "train-no-imitation") and store.stage("train-no-imitation").get("status") == "done":
         return 0.0
-    hint = f"run `tailfuse train --run {store.root} --no-imitation` first, or leave the arm out with --arms."
+    hint = f"run `tailfuse train --run {q(store.root)} --no-imitation` first, or leave the arm out with --arms."
     return _train_like_run(store, cfg, "model 'train-no-imitation'", hint, "train", TrainConfig, run_train,
                            {"no_imitation": True, "name": None}, progress)
 
@@ -79,7 +79,7 @@ def ensure_prior(store: RunStore, cfg: EvaluateConfig, progress: bool) -> float:
 
     if (store.stage("prior") or {}).get("status") == "done":
         return 0.0
-    hint = f"run `tailfuse train-prior --run {store.root}` first, or leave the diffusion arms out with --arms."
+    hint = f"run `tailfuse train-prior --run {q(store.root)}` first, or leave the diffusion arms out with --arms."
     return _train_like_run(store, cfg, "trained prior", hint, "prior", PriorConfig, run_train_prior, {"name": "prior"},
                            progress)
 
@@ -123,7 +123,7 @@ def _fuse_with_budget(store: RunStore, arm: ArmSpec, per_label: dict[str, int], 
     if not _model_done(store, spec["model"]):
         hint = " --no-imitation" if spec["model"] == "train-no-imitation" else ""
         raise TailfuseError(f"arm '{arm.name}' needs the trained model '{spec['model']}': run `tailfuse train --run "
-                            f"{store.root}{hint}` first, or leave the arm out with --arms.")
+                            f"{q(store.root)}{hint}` first, or leave the arm out with --arms.")
     name = f"eval/{arm.slug}"
     train_counts = {lab: int(c["train"]) for lab, c in store.labels()["counts"].items()}
     totals = {lab: train_counts[lab] + n for lab, n in per_label.items()}  # exactly n_l new samples of label l
@@ -283,8 +283,8 @@ def _reviewed_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfi
     acc = folder / "manifest.accepted.csv"
     if not acc.is_file():
         raise TailfuseError(f"arm 'tailfuse-reviewed' needs the reviewed set '{name}': review its report "
-                            f"(`tailfuse report --run {store.root} --name {name}`), then `tailfuse review --run "
-                            f"{store.root} --name {name} --decisions <csv>`; or leave the arm out with --arms.")
+                            f"(`tailfuse report --run {q(store.root)} --name {q(name)}`), then `tailfuse review --run "
+                            f"{q(store.root)} --name {q(name)} --decisions <csv>`; or leave the arm out with --arms.")
     from ..review import set_table
 
     path_col = store.labels().get("path_column", "path")
