@@ -99,8 +99,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 def _add_decode_quality_args(g) -> None:
     g.add_argument("--pixel-detail", action=argparse.BooleanOptionalAction, default=None, help="add each source image's own codec error (x - decode(encode(x))) back where the fusion mask takes it: unfused regions keep their original pixels (default: on for fused sets; --no-pixel-detail decodes the fused latents alone)")
     g.add_argument("--pixel-composite", action="store_true", default=None, help="a control without the decoder: each image is the fusion mask's composite of its two source images in pixel space (saliency-guided CutMix); nothing is decoded")
-    g.add_argument("--drop-near-copies", action="store_true", default=None, help="leave near-copies of real training images out of the manifest (closer to one than real images are to each other)")
-    g.add_argument("--near-copy-quantile", type=float, help="near-copy threshold: this quantile of the real images' nearest-other-image distances (default 0.05)")
+    g.add_argument("--drop-near-copies", action="store_true", default=None, help="leave near-copies of real training images out of the manifest (an image region closer to one than real images are to each other; see --near-copy-quantile)")
+    g.add_argument("--near-copy-quantile", type=float, help="near-copy threshold: this quantile of the real training images' nearest-other-image distances, in pixel regions (default 0.02)")
 
 
 EXISTING_RUN = "run folder made by `tailfuse encode` or `tailfuse run`"

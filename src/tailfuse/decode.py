@@ -208,9 +208,9 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
 
         t1 = time.time()
         scorer = RealScorer.fit(store, cfg.near_copy_quantile, progress=progress)
-        feats = run_image_features(store, [str(out / p) for p in table["path"]], progress=progress,
-                                   desc="synthetic image features")
-        sc = scorer.score(feats, table["tail_label"].tolist())
+        paths = [str(out / p) for p in table["path"]]
+        feats = run_image_features(store, paths, progress=progress, desc="synthetic image features")
+        sc = scorer.score(feats, table["tail_label"].tolist(), paths)
         keep = select_samples(table, sc, cfg.drop_near_copies)
         for k in ("tail_prob", "nn_distance", "nn_ratio"):
             table[k] = sc[k].astype(np.float64)

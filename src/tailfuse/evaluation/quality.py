@@ -10,6 +10,7 @@
   the squared singular values of that matrix), so small sets (n < d) give a finite, exact value without the
   ``sqrtm`` of a singular matrix. Small sets bias FID upwards: compare only figures resting on similar counts
   (every figure records them).
+* ``memorisation``: the share of near-copies of training images, by the pixel-region check of ``tailfuse.nearcopy``.
 * ``knn_precision_recall``: Kynkaanniemi et al. 2019 (k = 3): a sample lies on the other set's manifold when it is
   within the k-th-nearest-neighbour radius of some sample of that set. Precision: share of synthetic samples on the
   real manifold; recall: share of real samples on the synthetic manifold. Needs more than k samples in each set.
@@ -131,18 +132,15 @@ def separability_auc(real: np.ndarray, synthetic: np.ndarray, seed: int = 0, fol
     return {"auc": float(roc_auc_score(y, p)), "n_per_class": int(m), "folds": folds}
 
 
-def memorisation(train: np.ndarray, synthetic: np.ndarray, groups: list[str] | None = None, ratio: float = 1 / 3) -> dict:
-    """Near-copies of training images (Gu et al. 2025): the share of synthetic vectors whose nearest training vector
-    is closer than ``ratio`` times the distance to the second nearest (features standardised with the training
-    vectors' mean and standard deviation), overall and per group (e.g. the sample's tail label)."""
-    tr = np.asarray(train, dtype=np.float64)
-    mu, sd = tr.mean(0), tr.std(0) + 1e-6
-    d = _pairwise((np.asarray(synthetic, dtype=np.float64) - mu) / sd, (tr - mu) / sd)
-    if d.shape[1] < 2 or not len(d):
-        return {"share": None, "ratio": ratio, "n": int(len(d))}
-    two = np.sort(d, axis=1)[:, :2]
-    near = two[:, 0] < ratio * two[:, 1]
-    out = {"share": float(near.mean()), "ratio": ratio, "n": int(len(d))}
+def memorisation(index, images01, groups: list[str] | None = None) -> dict:
+    """Near-copies of training images: the share of ``images01`` that ``index`` (a ``nearcopy.RegionIndex`` of the
+    real training images) calls near-copies, overall and per group (e.g. the sample's tail label)."""
+    n = int(len(images01))
+    rule = {"quantile": index.quantile, "threshold": index.threshold, "ratio": 1 / 3, "space": "pixel regions"}
+    if not n or len(index.ids) < 2:
+        return {"share": None, "n": n, **rule}
+    near = index.query(images01)["near_copy"]
+    out = {"share": float(near.mean()), "n": n, **rule}
     if groups is not None:
         g = np.asarray(groups)
         out["per_label"] = {str(k): float(near[g == k].mean()) for k in dict.fromkeys(groups)}

@@ -61,7 +61,10 @@ def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where,
     te_inc = np.stack([inc_of[p] for p in test_paths])
     te_dom = np.stack([dom_of[p] for p in test_paths])
     tr_dom = np.stack([feats[where[p]] for p in train_paths])
-    all_train_dom = np.stack([feats[where[p]] for p in split["train"]["abs_path"]])
+    from ..nearcopy import RegionIndex, load_images
+
+    copies = RegionIndex.from_paths(split["train"]["abs_path"].tolist(), image_size, resize,
+                                    ids=split["train"]["sample_id"].to_numpy())
     for name, paths in sets.items():
         if len(paths) < 2:
             out["sets"][name] = {"n_synthetic": len(paths), "note": "fewer than 2 images"}
@@ -86,8 +89,7 @@ def run_quality(store, cfg: EvaluateConfig, tail, split, arm_sets, feats, where,
         # near-copies of real training images, per tail label (the floor: real test images against real train)
         mem_paths = all_test_paths if name == FLOOR else arm_sets[name]["paths"]
         mem_groups = None if name == FLOOR else arm_sets[name]["main_tail_label"]
-        out["sets"][name]["memorisation"] = memorisation(all_train_dom, np.stack([feats[where[p]] for p in mem_paths]),
-                                                         mem_groups)
+        out["sets"][name]["memorisation"] = memorisation(copies, load_images(mem_paths, image_size, resize), mem_groups)
         auc = out["sets"][name]["separability"]["auc"]
         log.info(f"evaluate: quality of {name}: FID {out['sets'][name]['fid']:.1f}, domain FD "
             f"{out['sets'][name]['fd_domain']:.1f} ({len(paths)} vs {len(test_paths)} images), separability AUC "

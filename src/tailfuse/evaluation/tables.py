@@ -107,8 +107,9 @@ def results_markdown(r: dict) -> str:
                   "k-NN manifolds (k = 3), Inception and EfficientNet-Lite0 (domain) features. Separability: AUC of a "
                   "cross-validated logistic regression telling the set's images from the real tail training images "
                   "on the frozen EfficientNet-Lite0 features (0.5 = indistinguishable; the floor row: real test images). "
-                  "Near-copies: share of images whose nearest real training image is closer than 1/3 of the distance "
-                  "to the second nearest (same features; the floor row: real test images)."
+                  "Near-copies: share of images that copy a real training image, whole or in part (tailfuse.nearcopy: "
+                  "a pixel region closer to one training image than all but 2 % of the training images are to their "
+                  "nearest other one, or nearest / second nearest below 1/3; the floor row: real test images)."
                   + (" Fold figures are means over folds." if folds else ""), "",
                   "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) | separability AUC | near-copies |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

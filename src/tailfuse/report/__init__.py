@@ -67,9 +67,9 @@ def _scores(store: RunStore, name: str, table: pd.DataFrame, progress: bool) -> 
     from ..scoring import RealScorer, run_image_features
 
     scorer = RealScorer.fit(store, progress=progress)
-    feats = run_image_features(store, [str(store.root / name / p) for p in table["path"]], progress=progress,
-                               desc="synthetic image features")
-    s = scorer.score(feats, table["tail_label"].tolist())
+    paths = [str(store.root / name / p) for p in table["path"]]
+    feats = run_image_features(store, paths, progress=progress, desc="synthetic image features")
+    s = scorer.score(feats, table["tail_label"].tolist(), paths)
     sc = pd.DataFrame({"synth_id": table["synth_id"], "tail_prob": s["tail_prob"], "nn_distance": s["nn_distance"],
                        "nn_ratio": s["nn_ratio"], "near_copy": s["near_copy"]})
     from ..store import write_csv_atomic
