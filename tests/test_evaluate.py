@@ -372,7 +372,7 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
         least = 2 if arm == "mixup" else 4  # mixup: soft labels, the tail sample's weight lambda >= 0.5
         assert added["t1"] >= least - 1e-9 and added["t2"] >= least - 1e-9, arm
     # image arms: PNG files + manifest rows under <run>/eval/<arm>
-    for arm in ("smote", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation", "reference"):
+    for arm in ("smote", "cmo", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation", "reference"):
         man = pd.read_csv(ev / arm / "manifest.csv")
         assert (man["split"] == "synthetic").all() and set(man.columns) >= {"path", "a", "b", "t1", "t2"}
         assert all((ev / arm / p).is_file() for p in man["path"])
@@ -392,7 +392,24 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
         assert samples.loc[r.sample_id, "split"] == "train" and samples.loc[r.sample_id, r.tail_label] == 1
         assert r.path.endswith(f"roundtrip/{r.sample_id:06d}.png")
     q = on_disk["quality"]["sets"]
-    assert set(q) == {"floor (real train)", "smote", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation", "reference"}
+    assert set(q) == {"floor (real train)", "smote", "cmo", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation",
+                      "reference"}
+    # CMO: a tail image's box pasted into a training image, the target mixed by the box's exact area
+    cmo = pd.read_csv(ev / "cmo" / "provenance.csv")
+    assert len(cmo) == 14 and (cmo["tail_label"] == "t1").sum() == 8
+    for _, r in cmo.iterrows():
+        fg, bg = samples.loc[r["foreground_sample_id"]], samples.loc[r["background_sample_id"]]
+        assert fg["split"] == bg["split"] == "train" and fg[r["tail_label"]] == 1
+        y0, y1, x0, x1 = json.loads(r["box"])
+        lam = r["lambda"]
+        assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 64 ** 2)  # the background's kept area
+        for lab in ("a", "b", "t1", "t2"):
+            assert r[f"soft_{lab}"] == pytest.approx(lam * bg[lab] + (1 - lam) * fg[lab])
+    # decision metrics beside mAP, with their intervals against the controls (multi-label: macro-F1, tail recall)
+    tf = on_disk["arms"]["tailfuse"]
+    assert 0 <= tf["macro_f1"] <= 1 and 0 <= tf["tail_recall"] <= 1 and "balanced_accuracy" not in tf
+    assert set(tf["delta_macro_f1"]) == set(tf["delta_tail_recall"]) == {"real", "oversample", "vae-roundtrip"}
+    assert (ev / "decisions.npz").is_file() and on_disk["protocol"]["selection"] == "map"
     for s in q.values():
         assert s["fid"] >= 0 and s["fd_domain"] >= 0 and s["n_images"] >= 2 and s["n_real_test"] >= 2
         sep = s["separability"]

@@ -8,6 +8,8 @@
   reference code's choices: EigenCAM saliency and the ``tail`` label policy.
 * ``smote``: SMOTE (multi-class) / MLSMOTE (multi-label) on the flattened VAE latents of the training split, decoded
   with the run's VAE (``eval/smote/images``, ``manifest.csv``, ``provenance.csv``).
+* ``cmo``: CMO's context-rich minority over-sampling in pixel space (``_cmo_set``): a tail image's CutMix box in a
+  uniformly drawn training image, the target mixed by area; no VAE. Fusion's classical twin.
 * ``vae-roundtrip``: the tail training images themselves, encoded and decoded with no fusion (``<run>/roundtrip``),
   cycling through each tail label's images like fusion's plan; the control that separates what the VAE's decoder
   does to an image from what fusion does.
@@ -275,6 +277,86 @@ def _smote_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, 
             "identity": {"smote": ident, "decode": dec_rec["config_hash"]}, "made": made}
 
 
+def cutmix_box(size: int, rng: np.random.Generator) -> tuple[int, int, int, int, float]:
+    """CutMix's box (Yun et al. 2019, as CMO uses it): lambda ~ Beta(1, 1), a box of side size * sqrt(1 - lambda)
+    centred at a uniform position and clipped to the image. Returns y0, y1, x0, x1 and the background's exact kept
+    share (1 - box area / image area)."""
+    lam = rng.beta(1.0, 1.0)
+    cut = int(size * np.sqrt(1.0 - lam))
+    cy, cx = rng.integers(0, size), rng.integers(0, size)
+    y0, y1 = int(np.clip(cy - cut // 2, 0, size)), int(np.clip(cy + cut // 2, 0, size))
+    x0, x1 = int(np.clip(cx - cut // 2, 0, size)), int(np.clip(cx + cut // 2, 0, size))
+    return y0, y1, x0, x1, 1.0 - (y1 - y0) * (x1 - x0) / float(size * size)
+
+
+def _cmo_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig, progress: bool) -> dict:
+    """CMO, context-rich minority over-sampling (Park et al. 2022), as a set of images: for each of the n_l images of
+    tail label l, a training image carrying l (the minority foreground, drawn uniformly among them) is CutMixed into
+    a training image drawn uniformly from the whole training set (the context: mostly head images, the natural
+    distribution). The box (``cutmix_box``) takes the foreground's pixels at the same place; the target is
+    ``lambda y_background + (1 - lambda) y_foreground`` with lambda the exact kept area (soft_<label> columns; the
+    0/1 columns carry the foreground's labels, and the background's too on multi-label data). Pixels at the run's
+    image size; no VAE. CMO draws its foregrounds with weights 1/n_c over every class; here the budget decides how many
+    images each tail label gets, as for every arm. Made once per run (seed ``data_seed``) in ``<run>/eval/cmo/``."""
+    from ..images import load_image, save_png
+
+    info = store.labels()
+    labels, multi, grey = info["labels"], bool(info["multi_label"]), bool(info.get("greyscale"))
+    path_col = info.get("path_column", "path")
+    size = int(info.get("image_size") or 128)
+    resize = (store.config().get("data") or {}).get("resize", "center-crop")
+    samples = store.samples()
+    train = samples[samples["split"] == "train"].reset_index(drop=True)
+    y = train[labels].to_numpy(dtype=np.float64)
+    folder = store.root / "eval" / "cmo"
+    ident = stable_hash({"method": "cmo", "seed": cfg.data_seed, "per_label": per_label, "size": size,
+                         "resize": resize, "train_ids": train["sample_id"].tolist(), "grey": grey, "v": 1})
+    done = folder / "identity.txt"
+    if not (done.is_file() and done.read_text() == ident and (folder / "manifest.csv").is_file()):
+        t0 = time.time()
+        rng = np.random.default_rng(cfg.data_seed)
+        rows, cache = [], {}
+
+        def img(i):
+            if i not in cache:
+                cache[i] = load_image(train["abs_path"].iloc[i], size, resize)
+            return cache[i]
+
+        k = 0
+        for lab, n in per_label.items():
+            fg_pool = np.flatnonzero(y[:, labels.index(lab)] > 0)
+            for _ in range(n):
+                fg, bg = int(rng.choice(fg_pool)), int(rng.integers(0, len(train)))
+                y0, y1, x0, x1, lam = cutmix_box(size, rng)
+                x = img(bg).clone()
+                x[:, y0:y1, x0:x1] = img(fg)[:, y0:y1, x0:x1]
+                rel = f"images/{k:06d}.png"
+                (folder / "images").mkdir(parents=True, exist_ok=True)
+                save_png(x, str(folder / rel), grey=grey)
+                soft = lam * y[bg] + (1 - lam) * y[fg]
+                hard = np.maximum(y[bg], y[fg]) if multi else y[fg]
+                rows.append({path_col: rel, "split": "synthetic", **{lb: int(hard[j]) for j, lb in enumerate(labels)},
+                             **{f"soft_{lb}": float(soft[j]) for j, lb in enumerate(labels)},
+                             "tail_label": lab, "foreground_sample_id": int(train["sample_id"].iloc[fg]),
+                             "background_sample_id": int(train["sample_id"].iloc[bg]), "lambda": lam,
+                             "box": [y0, y1, x0, x1]})
+                k += 1
+        table = pd.DataFrame(rows)
+        write_csv_atomic(folder / "provenance.csv", table)
+        write_csv_atomic(folder / "manifest.csv", table[[path_col, "split", *labels, *[f"soft_{lb}" for lb in labels]]])
+        from ..store import write_text_atomic
+
+        write_text_atomic(folder / "seconds.txt", f"{time.time() - t0:.2f}")
+        write_text_atomic(done, ident)
+    man = pd.read_csv(folder / "manifest.csv")
+    prov = pd.read_csv(folder / "provenance.csv")
+    seconds = float((folder / "seconds.txt").read_text()) if (folder / "seconds.txt").is_file() else None
+    return {"folder": folder, "manifest": man, "tail_label": prov["tail_label"].tolist(), "identity": {"cmo": ident},
+            "made": {"n_made": len(man), "n_used": len(man), "seconds": seconds,
+                     "method": "CMO: a tail image's CutMix box (lambda ~ Beta(1, 1)) in a uniformly drawn training "
+                               "image, target mixed by area, pixel space"}}
+
+
 def _reviewed_set(store: RunStore, per_label: dict[str, int], cfg: EvaluateConfig) -> dict:
     """The accepted images of a reviewed set (`tailfuse review`), budgeted like every arm: the first n_l accepted
     images of each tail label (fewer when the review accepted fewer; reported)."""
@@ -318,6 +400,8 @@ def make_image_arm(store: RunStore, arm: ArmSpec, per_label: dict[str, int], cfg
         out = _roundtrip_set(store, per_label, cfg, progress)
     elif arm.base == "tailfuse-reviewed":
         out = _reviewed_set(store, per_label, cfg)
+    elif arm.base == "cmo":
+        out = _cmo_set(store, per_label, cfg, progress)
     else:
         out = _smote_set(store, per_label, cfg, progress, force)
     info = store.labels()

@@ -8,12 +8,16 @@ import yaml
 
 from ..errors import TailfuseError
 
-ARMS = ("real", "reweight", "oversample", "smote", "mixup", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation",
+ARMS = ("real", "reweight", "oversample", "smote", "mixup", "cmo", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation",
         "reference")
 # arms run only when named with --arms: tailfuse with the `kept` label policy (multi-label data; on multi-class data
 # it equals `tailfuse`); the diffusion arms, which need the run's prior (`tailfuse train-prior`, trained first when
 # missing): fusion refined by the prior, full sampling from noise, and LDMLR-style sampling of classifier features
-OPTIONAL_ARMS = ("tailfuse-kept", "tailfuse-refined", "prior-sample", "feature-diffusion", "tailfuse-reviewed")
+OPTIONAL_ARMS = ("tailfuse-kept", "tailfuse-refined", "prior-sample", "feature-diffusion", "tailfuse-reviewed", "drw")
+# arms that act during training epochs (they need --classifier partial, cnn or finetune): deferred re-weighting, the
+# class weights of `reweight` from DRW_FROM of the epochs on (Cao et al. 2019: epoch 160 of 200)
+EPOCH_ARMS = ("drw",)
+DRW_FROM = 0.8
 # arms made by fusion: they take settings in brackets, e.g. tailfuse[candidates=3,soft_labels=true]
 FUSION_ARMS = {
     "tailfuse": {"model": "train"},
@@ -31,11 +35,11 @@ REFINE_DEFAULTS = {"tailfuse-refined": {"refine": "10/50", "guidance": 2.0}}
 DIFFUSION_ARM_SETTINGS = {"prior-sample": {"steps": 50, "guidance": 2.0, "drop_near_copies": False},
                           "feature-diffusion": {"steps": 50, "guidance": 2.0, "epochs": 300}}
 # arms whose new samples are PNG images (made once per run, seed ``data_seed``) rather than rows or feature mixes
-IMAGE_ARMS = ("smote", "vae-roundtrip", "prior-sample", "tailfuse-reviewed", *FUSION_ARMS)
+IMAGE_ARMS = ("smote", "cmo", "vae-roundtrip", "prior-sample", "tailfuse-reviewed", *FUSION_ARMS)
 # arms that add no samples (the budget does not apply)
-NO_BUDGET_ARMS = ("real", "reweight")
-CLASSIFIERS = ("linear", "finetune", "cnn")
-DEFAULT_EPOCHS = {"finetune": 8, "cnn": 30}
+NO_BUDGET_ARMS = ("real", "reweight", "drw")
+CLASSIFIERS = ("linear", "partial", "finetune", "cnn")
+DEFAULT_EPOCHS = {"finetune": 8, "cnn": 30, "partial": 20}
 # settings a fusion arm may override: FuseConfig's and DecodeConfig's own, not the ones the evaluation sets itself
 _NOT_OVERRIDABLE = {"name", "per_class", "balance_to", "seed", "device", "vae", "dtype", "batch_size", "shard_size"}
 
@@ -127,11 +131,20 @@ class EvaluateConfig:
 
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds of the arms' draws (and of torch classifiers)
-    classifier: str = "linear"  # linear (logistic regression on frozen EfficientNet-Lite0 features) | finetune | cnn
+    # linear (logistic regression on frozen EfficientNet-Lite0 features) | partial (its last blocks trained on frozen
+    # maps) | finetune | cnn
+    classifier: str = "linear"
+    # what picks the model (C, epoch, weight decay) on val: map | balanced_accuracy; default: map for linear, and for
+    # the other classifiers the metric their tables lead with (balanced accuracy on multi-class data, mAP otherwise)
+    select: str | None = None
+    # image arms: each epoch draws the budget's n_l images per tail label afresh from a set of pool x n_l (1: the same
+    # images every epoch); oversample then draws its duplicates afresh each epoch too
+    pool: int = 1
+    trainable_blocks: int = 3  # partial: the last MBConv blocks of EfficientNet-Lite0 that are trained
     # linear: inverse regularisation strengths C tried per arm and seed, the best on val kept
     c_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3])
-    epochs: int | None = None  # finetune / cnn: default 8 / 30
-    lr: float | None = None  # finetune / cnn: default 1e-4 / 1e-3
+    epochs: int | None = None  # partial / finetune / cnn: default 20 / 8 / 30
+    lr: float | None = None  # partial / finetune / cnn: default 5e-4 / 1e-4 / 1e-3
     weight_decay: list[float] = field(default_factory=lambda: [1e-4])  # finetune / cnn: the grid picked from on val
     batch_size: int = 64
     # augmentation budget: every augmentation arm adds the same number of new samples per tail label

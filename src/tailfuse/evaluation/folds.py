@@ -160,6 +160,7 @@ def pool(raws: list[dict], k: int, cfg: EvaluateConfig) -> dict:
         meta[key] = {lab: int(sum(r["meta"][key][lab] for r in raws)) for lab in meta["labels"]}
     meta["n"] = {s: int(sum(r["meta"]["n"][s] for r in raws)) for s in ("train", "val", "test")}
     scores = {key: np.concatenate([r["scores"][key] for r in raws]) for key in first["scores"]}
+    decided = {key: np.concatenate([r["decisions"][key] for r in raws]) for key in first["decisions"]}
     fit_info = {key: {"folds": [r["fit_info"].get(key) for r in raws]} for key in first["fit_info"]}
     for key, v in fit_info.items():  # the regularisation each fold picked
         cs = [f.get("c") for f in v["folds"] if f]
@@ -205,7 +206,8 @@ def pool(raws: list[dict], k: int, cfg: EvaluateConfig) -> dict:
         "classifier_settings": first["classifier_settings"], "epochs": first["epochs"], "lr": first["lr"],
         "y_test": np.concatenate([r["y_test"] for r in raws]),
         "test_ids": np.concatenate([r["test_ids"] for r in raws]),
-        "scores": scores, "fit_info": fit_info, "train_summary": train_summary, "sets": sets, "quality": quality,
+        "scores": scores, "decisions": decided, "select": first.get("select"), "fit_info": fit_info,
+        "train_summary": train_summary, "sets": sets, "quality": quality,
         "timings": timings,
         "folds": {"k": k, "seed": cfg.data_seed, "val_fraction": cfg.fold_val_fraction,
                   "method": "scikit-learn StratifiedGroupKFold by rarest label and group column",

@@ -73,13 +73,13 @@ from ..dist import current
 from ..errors import TailfuseError
 from ..store import RunStore, now, npz_save_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
-from .classifier import TrainSet, class_weights, fit_images, fit_linear
-from .config import CLASSIFIERS, DEFAULT_EPOCHS, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
+from .classifier import SELECT, TrainSet, class_weights, fit_images, fit_linear
+from .config import CLASSIFIERS, DEFAULT_EPOCHS, DRW_FROM, EPOCH_ARMS, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
 from .resample import mixup_pairs, oversample_rows
 
 log = logging.getLogger("tailfuse")
 
-DEFAULT_LR = {"finetune": 1e-4, "cnn": 1e-3}
+DEFAULT_LR = {"finetune": 1e-4, "cnn": 1e-3, "partial": 5e-4}
 CONTROLS = ("real", "oversample", "vae-roundtrip")  # every arm's tail mAP is compared with each of these present
 MAIN = "main"  # key of the default budget
 
@@ -95,6 +95,14 @@ def validate(cfg: EvaluateConfig) -> list[ArmSpec]:
         raise TailfuseError("give at least one seed (--seeds 0,1,2).")
     if cfg.classifier not in CLASSIFIERS:
         raise TailfuseError(f"--classifier '{cfg.classifier}' unknown; choose from {', '.join(CLASSIFIERS)}.")
+    if cfg.select is not None and cfg.select not in SELECT:
+        raise TailfuseError(f"--select '{cfg.select}' unknown; choose from {', '.join(SELECT)}.")
+    if cfg.pool < 1 or cfg.trainable_blocks < 1:
+        raise TailfuseError("--pool and --trainable-blocks must be at least 1.")
+    epoch_arms = [s.name for s in specs if s.base in EPOCH_ARMS]
+    if epoch_arms and cfg.classifier == "linear":
+        raise TailfuseError(f"arm(s) {', '.join(epoch_arms)} act during training epochs; they need a classifier "
+                            "trained in epochs (--classifier partial, cnn or finetune), not linear.")
     if isinstance(cfg.weight_decay, (int, float)):
         cfg.weight_decay = [float(cfg.weight_decay)]
     if not cfg.c_grid or min(cfg.c_grid) <= 0 or not cfg.weight_decay or min(cfg.weight_decay) < 0:
@@ -137,6 +145,33 @@ def _first_per_label(tail_label: list[str], per_label: dict[str, int]) -> np.nda
     """Rows of a set (in its order) that make the budget: the first n_l rows of each tail label l."""
     tl = np.asarray(tail_label)
     keep = [np.flatnonzero(tl == lab)[:n] for lab, n in per_label.items()]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def select_metric(cfg: EvaluateConfig, multi: bool) -> str:
+    """What picks the model on val: ``--select``, else val mAP for the linear probe (its tables lead with tail mAP)
+    and, for classifiers that learn from the images, the metric their tables lead with: balanced accuracy on
+    multi-class data, mAP on multi-label data."""
+    if cfg.select:
+        if cfg.select == "balanced_accuracy" and multi:
+            raise TailfuseError("--select balanced_accuracy needs multi-class data; use --select map.")
+        return cfg.select
+    return "map" if cfg.classifier == "linear" or multi else "balanced_accuracy"
+
+
+def _draw_per_label(tail_label: list[str], per_label: dict[str, int], pool: int, seed: int, epoch: int,
+                    salt: int = 0) -> np.ndarray:
+    """Rows of a set for one epoch: with ``pool`` 1, the first n_l rows of each tail label l (a fixed set); with a
+    pool of ``pool`` x n_l rows per label, n_l of them drawn afresh (without replacement, seeded by seed and epoch)."""
+    if pool <= 1:
+        return _first_per_label(tail_label, per_label)
+    tl = np.asarray(tail_label)
+    rng = np.random.default_rng([int(seed), int(epoch), int(salt)])
+    keep = []
+    for lab, n in per_label.items():
+        cand = np.flatnonzero(tl == lab)[: n * pool]
+        keep.append(rng.choice(cand, size=min(n, len(cand)), replace=False) if n > 0 and len(cand) else
+                    np.zeros(0, np.int64))
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
@@ -206,12 +241,13 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
     if cfg.classifier != "linear" and any(s.base == "feature-diffusion" for s in specs):
         raise TailfuseError("the feature-diffusion arm generates classifier features: it needs --classifier linear.")
     arm_sets: dict[str, dict] = {}
+    pool_n = {lab: n * cfg.pool for lab, n in n_max.items()}  # each epoch draws n_l of a label's pool x n_l images
     for spec in [s for s in specs if s.is_image]:
         from .arms import make_image_arm
 
         t = time.time()
         log.info(f"evaluate: synthetic set of arm '{spec.name}'")
-        arm_sets[spec.name] = make_image_arm(store, spec, n_max, cfg, progress, force=force)
+        arm_sets[spec.name] = make_image_arm(store, spec, pool_n, cfg, progress, force=force)
         timings[spec.name]["synthetic_set"] = round(time.time() - t, 2)
 
     # several processes: they made the synthetic sets together; the classifiers and figures are the main process's
@@ -249,7 +285,20 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
             arm_sets[spec.name] = {**fd, "folder": store.root / "eval" / spec.slug, "no_images": True}
             timings[spec.name]["synthetic_set"] = round(time.time() - t, 2)
     images = None
-    if cfg.classifier != "linear":
+    if cfg.classifier == "partial":  # the frozen part of the network, once per image (and its mirror image); cached
+        from ..scoring import features_dir
+        from .classifier import PartialMaps
+        from .features import image_features
+
+        t = time.time()
+        trunk = PartialMaps(cfg.trainable_blocks, image_size, cfg.device)
+        flat = image_features(pool.paths, trunk, features_dir(store), image_size, cfg.feature_batch_size, progress,
+                              resize=resize, desc="EfficientNet-Lite0 frozen maps")
+        images = trunk.unflatten(flat).half()
+        del flat
+        features_seconds = round(features_seconds + time.time() - t, 2)
+        log.info(f"evaluate: frozen maps {tuple(trunk.shape)} of {len(pool.paths)} images in {time.time() - t:.1f} s")
+    elif cfg.classifier != "linear":
         from ..images import load_image
 
         images = torch.stack([(load_image(p, image_size, resize) * 255).round().to(torch.uint8)
@@ -260,18 +309,25 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
     lr = None if cfg.classifier == "linear" else (cfg.lr or DEFAULT_LR[cfg.classifier])
     clf_settings = {"classifier": cfg.classifier, "backbone": "efficientnet-lite0-imagenet" if cfg.classifier == "linear"
                     else cfg.classifier, "image_size": image_size, "resize": resize}
+    select = select_metric(cfg, multi)
+    select_name = {"map": "val mAP", "balanced_accuracy": "val balanced accuracy"}[select]
     if cfg.classifier == "linear":
         clf_settings.update(model="logistic regression (scikit-learn, lbfgs, L2)", c_grid=list(cfg.c_grid),
-                            selection="val mAP")
+                            selection=select_name if select != "map" else "val mAP")
     else:
         clf_settings.update(epochs=epochs, lr=lr, weight_decay_grid=list(cfg.weight_decay), batch_size=cfg.batch_size,
-                            selection="val mAP (epoch and weight decay)")
+                            selection=f"{select_name} (epoch and weight decay)")
+        if cfg.classifier == "partial":
+            clf_settings.update(trainable_blocks=cfg.trainable_blocks, schedule="cosine")
+    if cfg.pool > 1:
+        clf_settings["pool"] = cfg.pool  # the keys only then: the tables made before keep their cache keys
     base_ident = {"clf": clf_settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"], "labels": labels,
                   "tail": tail, "ids": {s: split[s]["sample_id"].tolist() for s in split}}
     n_tr = len(split["train"])
     a = rows_real["train"]
     path_col = info.get("path_column", "path")
     scores: dict[str, np.ndarray] = {}
+    val_scores: dict[str, np.ndarray] = {}
     fit_info: dict[str, dict] = {}
     train_summary: dict[str, dict] = {}
     jobs = [(spec, bkey) for spec in specs for bkey in ([MAIN] if spec.base in NO_BUDGET_ARMS else list(buds))]
@@ -283,66 +339,48 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
             col_counts = {labels.index(lab): n for lab, n in per_label.items() if n > 0}
             for seed in cfg.seeds:
                 ident = dict(base_ident, arm=spec.name, budget=per_label if spec.base not in NO_BUDGET_ARMS else None)
-                ts = TrainSet(a, a, np.ones(n_tr), y_tr.astype(np.float32))
-                random_draws = spec.base in ("oversample", "mixup")
-                if spec.base == "oversample":
-                    dup = oversample_rows(y_tr, col_counts, multi, seed)
-                    ts = TrainSet(np.r_[a, a[dup]], np.r_[a, a[dup]], np.ones(n_tr + len(dup)),
-                                  np.r_[y_tr, y_tr[dup]].astype(np.float32))
-                    if bkey == MAIN:  # the added rows as a user would add them: rows pointing at the originals
-                        dm = pd.DataFrame({path_col: split["train"]["abs_path"].to_numpy()[dup], "split": "synthetic"})
-                        for j, lab in enumerate(labels):
-                            dm[lab] = y_tr[dup, j]
-                        write_csv_atomic(eval_dir / "oversample" / f"manifest-seed{seed}.csv", dm)
-                elif spec.base == "mixup":
-                    ia, ib, lam = mixup_pairs(y_tr, col_counts, cfg.mixup_alpha, seed)
-                    ym = lam[:, None] * y_tr[ia] + (1 - lam[:, None]) * y_tr[ib]
-                    ts = TrainSet(np.r_[a, a[ia]], np.r_[a, a[ib]], np.r_[np.ones(n_tr), lam],
-                                  np.r_[y_tr, ym].astype(np.float32))
-                    if bkey == MAIN:  # feature-space mixes have no image: the pairs and weights are recorded
-                        pm = pd.DataFrame({"path_a": split["train"]["abs_path"].to_numpy()[ia],
-                                           "path_b": split["train"]["abs_path"].to_numpy()[ib], "lambda": lam})
-                        for j, lab in enumerate(labels):
-                            pm[lab] = ym[:, j]
-                        write_csv_atomic(eval_dir / "mixup" / f"pairs-seed{seed}.csv", pm)
-                    ident["mixup_alpha"] = cfg.mixup_alpha
-                elif spec.name in arm_sets:
-                    st = arm_sets[spec.name]
-                    sel = _first_per_label(st["tail_label"], per_label)
-                    r = rows_arm[spec.name][sel]
-                    ts = TrainSet(np.r_[a, r], np.r_[a, r], np.ones(n_tr + len(r)),
-                                  np.r_[y_tr, st["y"][sel]].astype(np.float32))
-                    ident["set"] = st["identity"]
+                train_at, random_draws, extra = _train_sets(spec, bkey, seed, cfg, a, y_tr, multi, col_counts,
+                                                            per_label, arm_sets, rows_arm, split["train"], eval_dir,
+                                                            path_col, labels)
+                ident.update(extra)
+                ts = train_at(0)
                 # the linear classifier is deterministic: an arm without random draws gives one result for all seeds
                 seed_free = cfg.classifier == "linear" and not random_draws
                 if not seed_free:
                     ident["seed"] = seed
                 key = f"{spec.name}|{bkey}|{seed}"
                 train_summary.setdefault(f"{spec.name}|{bkey}", _summary_of(ts, n_tr, labels))
-                weights = class_weights(y_tr, multi) if spec.base == "reweight" else None
+                weights = class_weights(y_tr, multi) if spec.base in ("reweight", "drw") else None
+                weights_from = int(DRW_FROM * epochs) if spec.base == "drw" else 0
                 h = stable_hash(ident)[:16]
                 cache = eval_dir / "cache" / spec.slug / f"{bkey}-{'all' if seed_free else f'seed{seed}'}-{h}.npz"
                 if cache.is_file() and not force:
                     with np.load(cache) as z:
-                        scores[key], fit_info[key] = z["test_scores"], json.loads(str(z["info"]))
-                    bar.update(1)
-                    continue
+                        if "val_scores" in z.files:  # caches from before the decision metrics are redone
+                            scores[key], val_scores[key] = z["test_scores"], z["val_scores"]
+                            fit_info[key] = json.loads(str(z["info"]))
+                            bar.update(1)
+                            continue
                 t = time.time()
                 if cfg.classifier == "linear":
                     p, fi = fit_linear(feats, ts, rows_real["val"], y_va, rows_real["test"], multi_label=multi,
-                                       weights=weights, c_grid=cfg.c_grid)
+                                       weights=weights, c_grid=cfg.c_grid, select=select)
                 else:
-                    p, fi = _fit_torch(cfg, images, ts, rows_real, y_va, multi, weights, seed, epochs, lr, progress,
-                                       f"{spec.name} {bkey} seed {seed}")
+                    p, fi = _fit_torch(cfg, images, train_at, rows_real, y_va, multi, weights, seed, epochs, lr,
+                                       progress, f"{spec.name} {bkey} seed {seed}", select, weights_from)
                 fi["seconds"] = round(time.time() - t, 2)
                 fi["n_train_items"] = len(ts)
+                val_scores[key] = fi.pop("val_scores")
                 scores[key], fit_info[key] = p, fi
-                npz_save_atomic(cache, test_scores=p, info=np.array(json.dumps(fi)))
+                npz_save_atomic(cache, test_scores=p, val_scores=val_scores[key], info=np.array(json.dumps(fi)))
                 bar.update(1)
             timings[spec.name][f"classifier_{bkey}"] = round(time.time() - t_arm, 2)
     finally:
         bar.close()
 
+    # decisions: argmax (multi-class), or each label's val-F1 threshold of this split (multi-label)
+    decided = {k: M.decisions(v, multi, M.val_thresholds(y_va, val_scores[k]) if multi else None)
+               for k, v in scores.items()}
     quality = None
     if cfg.quality:
         from .quality_stage import run_quality
@@ -367,7 +405,7 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
                  "test_positives": {lab: int(y_te[:, j].sum()) for j, lab in enumerate(labels)}},
         "budgets": buds, "classifier_settings": clf_settings, "epochs": epochs, "lr": lr,
         "y_test": y_te, "test_ids": split["test"]["sample_id"].to_numpy(),
-        "scores": scores, "fit_info": fit_info, "train_summary": train_summary,
+        "scores": scores, "decisions": decided, "select": select, "fit_info": fit_info, "train_summary": train_summary,
         "sets": {name: {"folder": str(st["folder"]), "soft_targets": st.get("soft", False), **st["made"]}
                  for name, st in arm_sets.items()},
         "quality": quality,
@@ -376,15 +414,73 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
     }
 
 
-def _fit_torch(cfg, images, ts, rows_real, y_va, multi, weights, seed, epochs, lr, progress, desc):
-    """finetune / cnn: one fit per weight decay of the grid, the best on val kept."""
+def _train_sets(spec: ArmSpec, bkey: str, seed: int, cfg: EvaluateConfig, a: np.ndarray, y_tr: np.ndarray, multi: bool,
+                col_counts: dict, per_label: dict, arm_sets: dict, rows_arm: dict, train: pd.DataFrame, eval_dir: Path,
+                path_col: str, labels: list[str]):
+    """The arm's training items as a function of the epoch (``train_at(epoch) -> TrainSet``), whether the arm draws
+    at random, and what its draws add to the cache key. Real rows are rows ``a`` of the pool; oversample duplicates
+    tail rows, mixup mixes pairs, an image arm adds its set's rows (a fixed set, or with ``cfg.pool`` > 1 a fresh
+    draw from a pool each epoch; oversample then also draws its duplicates afresh each epoch)."""
+    train_at, random_draws, extra = _epoch_sets(spec, bkey, seed, cfg, a, y_tr, multi, col_counts, per_label, arm_sets,
+                                                rows_arm, train, eval_dir, path_col, labels)
+    if cfg.pool <= 1:  # the same items every epoch
+        ts0 = train_at(0)
+        return (lambda ep: ts0), random_draws, extra
+    return train_at, random_draws, extra
+
+
+def _epoch_sets(spec, bkey, seed, cfg, a, y_tr, multi, col_counts, per_label, arm_sets, rows_arm, train, eval_dir,
+                path_col, labels):
+    n_tr = len(a)
+    real = TrainSet(a, a, np.ones(n_tr), y_tr.astype(np.float32))
+    if spec.base == "oversample":
+        def train_at(ep):
+            dup = oversample_rows(y_tr, col_counts, multi, seed if cfg.pool <= 1 or ep == 0 else seed + 7919 * ep)
+            return TrainSet(np.r_[a, a[dup]], np.r_[a, a[dup]], np.ones(n_tr + len(dup)),
+                            np.r_[y_tr, y_tr[dup]].astype(np.float32))
+
+        if bkey == MAIN:  # the added rows as a user would add them: rows pointing at the originals
+            dup = oversample_rows(y_tr, col_counts, multi, seed)
+            dm = pd.DataFrame({path_col: train["abs_path"].to_numpy()[dup], "split": "synthetic"})
+            for j, lab in enumerate(labels):
+                dm[lab] = y_tr[dup, j]
+            write_csv_atomic(eval_dir / "oversample" / f"manifest-seed{seed}.csv", dm)
+        return train_at, True, {}
+    if spec.base == "mixup":
+        ia, ib, lam = mixup_pairs(y_tr, col_counts, cfg.mixup_alpha, seed)
+        ym = lam[:, None] * y_tr[ia] + (1 - lam[:, None]) * y_tr[ib]
+        ts = TrainSet(np.r_[a, a[ia]], np.r_[a, a[ib]], np.r_[np.ones(n_tr), lam], np.r_[y_tr, ym].astype(np.float32))
+        if bkey == MAIN:  # feature-space mixes have no image: the pairs and weights are recorded
+            pm = pd.DataFrame({"path_a": train["abs_path"].to_numpy()[ia], "path_b": train["abs_path"].to_numpy()[ib],
+                               "lambda": lam})
+            for j, lab in enumerate(labels):
+                pm[lab] = ym[:, j]
+            write_csv_atomic(eval_dir / "mixup" / f"pairs-seed{seed}.csv", pm)
+        return (lambda ep: ts), True, {"mixup_alpha": cfg.mixup_alpha}
+    if spec.name in arm_sets:
+        st = arm_sets[spec.name]
+        salt = int(stable_hash(spec.name)[:8], 16)
+
+        def train_at(ep):
+            sel = _draw_per_label(st["tail_label"], per_label, cfg.pool, seed, ep, salt)
+            r = rows_arm[spec.name][sel]
+            return TrainSet(np.r_[a, r], np.r_[a, r], np.ones(n_tr + len(r)), np.r_[y_tr, st["y"][sel]].astype(np.float32))
+
+        return train_at, cfg.pool > 1, {"set": st["identity"]}
+    return (lambda ep: real), False, {}
+
+
+def _fit_torch(cfg, images, train, rows_real, y_va, multi, weights, seed, epochs, lr, progress, desc, select="map",
+               weights_from=0):
+    """partial / finetune / cnn: one fit per weight decay of the grid, the best on val kept."""
     best = None
     for wd in cfg.weight_decay:
-        p, fi = fit_images(cfg.classifier, images, ts, rows_real["val"], y_va, rows_real["test"], multi_label=multi,
+        p, fi = fit_images(cfg.classifier, images, train, rows_real["val"], y_va, rows_real["test"], multi_label=multi,
                            weights=weights, seed=seed, epochs=epochs, lr=lr, weight_decay=wd, batch_size=cfg.batch_size,
-                           device=cfg.device, progress=progress, desc=f"{desc} wd {wd:g}")
+                           device=cfg.device, progress=progress, desc=f"{desc} wd {wd:g}", select=select,
+                           weights_from=weights_from, trainable_blocks=cfg.trainable_blocks)
         fi["weight_decay"] = wd
-        score = fi["val_map"] if fi["val_map"] is not None else -np.inf
+        score = fi["val_score"] if fi["val_score"] is not None else -np.inf
         if best is None or score > best[0]:
             best = (score, p, fi)
     return best[1], best[2]
@@ -402,23 +498,30 @@ def seed_scores(raw: dict, cfg: EvaluateConfig, name: str, bkey: str = MAIN) -> 
     return [raw["scores"][f"{name}|{bkey}|{s}"] for s in cfg.seeds]
 
 
-def tail_delta(raw: dict, cfg: EvaluateConfig):
-    """The tables' tail-mAP difference on raw predictions, as a function ``delta(arm, budget, control,
-    control_budget=MAIN)``: arm minus control, paired bootstrap over test images with the seeds averaged, the same
-    resamples (``cfg.bootstrap`` of them, seed ``cfg.data_seed``) for every pair; it returns None when
-    ``cfg.bootstrap`` is 0."""
+def tail_delta(raw: dict, cfg: EvaluateConfig, metric: str = "map_tail"):
+    """The tables' differences on raw predictions, as a function ``delta(arm, budget, control,
+    control_budget=MAIN)``: arm minus control in ``metric`` (tail mAP of the scores, or a decision metric of the
+    decisions), paired bootstrap over test images with the seeds averaged, the same resamples (``cfg.bootstrap`` of
+    them, seed ``cfg.data_seed``) for every pair and metric; it returns None when ``cfg.bootstrap`` is 0."""
     meta = raw["meta"]
     y = raw["y_test"]
     tail_idx = [meta["labels"].index(lab) for lab in meta["tail_labels"]]
     boot_idx = M.bootstrap_indices(len(y), cfg.bootstrap, cfg.data_seed) if cfg.bootstrap else None
+    source = raw["scores"] if metric == "map_tail" else raw["decisions"]
+
+    def of(name, bkey):
+        return [source[f"{name}|{bkey}|{s}"] for s in cfg.seeds]
 
     def delta(name: str, bkey: str, control: str, control_bkey: str = MAIN) -> dict | None:
         if boot_idx is None:
             return None
-        return M.paired_bootstrap(y, seed_scores(raw, cfg, name, bkey), seed_scores(raw, cfg, control, control_bkey),
-                                  tail_idx, boot_idx)
+        return M.paired_bootstrap(y, of(name, bkey), of(control, control_bkey), tail_idx, boot_idx, metric=metric)
 
     return delta
+
+
+def decision_metric_names(multi: bool) -> list[str]:
+    return [m for m in M.DECISION_METRICS if m != "balanced_accuracy" or not multi]
 
 
 def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
@@ -431,11 +534,14 @@ def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
     delta = tail_delta(raw, cfg)
 
     arms = {}
-    keys = ["map_all", "map_head", "map_tail", "auroc_macro"] + (["balanced_accuracy", "accuracy"] if not multi else [])
+    decided = decision_metric_names(multi)
+    deltas = {m: tail_delta(raw, cfg, m) for m in decided} if raw.get("decisions") else {}
+    keys = ["map_all", "map_head", "map_tail", "auroc_macro"] + (["accuracy"] if not multi else []) + decided
     for spec in specs:
         per_seed = {}
         for seed in cfg.seeds:
-            m = M.summary(y, raw["scores"][f"{spec.name}|{MAIN}|{seed}"], labels, head, tail, multi)
+            key = f"{spec.name}|{MAIN}|{seed}"
+            m = M.summary(y, raw["scores"][key], labels, head, tail, multi, (raw.get("decisions") or {}).get(key))
             m.update(raw["fit_info"].get(f"{spec.name}|{MAIN}|{seed}", {}))
             per_seed[str(seed)] = m
         entry = {}
@@ -451,6 +557,11 @@ def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
         entry["delta_map_tail"] = {c: d for c, d in entry["delta_map_tail"].items() if d is not None}
         if "real" in entry["delta_map_tail"]:
             entry["delta_map_tail_vs_real"] = entry["delta_map_tail"]["real"]
+        for metric, dfn in deltas.items():  # the decision metrics' differences to the same controls
+            ds = {c: dfn(spec.name, MAIN, c) for c in CONTROLS if c in names and c != spec.name}
+            entry[f"delta_{metric}"] = {c: d for c, d in ds.items() if d is not None}
+        entry["per_label_f1"] = {lab: _mean_std([per_seed[str(s)]["per_label_f1"][lab] for s in cfg.seeds])[0]
+                                 for lab in labels}
         entry["seeds"] = per_seed
         arms[spec.name] = entry
 
@@ -477,7 +588,10 @@ def summarise(raw: dict, cfg: EvaluateConfig, specs: list[ArmSpec]) -> dict:
         "protocol": {**asdict(cfg), "epochs": raw["epochs"], "lr": raw["lr"], "budget": raw["budgets"][MAIN],
                      "budgets": raw["budgets"], "classifier_settings": raw["classifier_settings"],
                      "bootstrap": {"resamples": cfg.bootstrap, "unit": "test image", "paired": True,
-                                   "seed_average": True, "interval": "percentile 95%"}},
+                                   "seed_average": True, "interval": "percentile 95%"},
+                     "selection": raw.get("select", "map"),
+                     "decisions": ("argmax class" if not multi else
+                                   "each label's score against the threshold that maximised its F1 on val")},
         "arms": arms,
         "sweep": sweep,
         "quality": raw["quality"],
@@ -504,13 +618,19 @@ def save_scores(raw: dict, out_dir) -> None:
     budget and seed (key ``<arm>__<budget>__<seed>``), for pairwise comparisons after the fact."""
     npz_save_atomic(out_dir / "scores.npz", y_test=raw["y_test"], test_ids=raw["test_ids"],
                     **{k.replace("|", "__"): v for k, v in raw["scores"].items()})
+    if raw.get("decisions"):  # the binary decisions behind the decision metrics, keyed the same way
+        npz_save_atomic(out_dir / "decisions.npz", **{k.replace("|", "__"): v for k, v in raw["decisions"].items()})
 
 
 def load_scores(out_dir) -> dict:
     """What ``save_scores`` wrote: ``{"y_test", "test_ids", "scores": {"<arm>|<budget>|<seed>": array}}``."""
     with np.load(Path(out_dir) / "scores.npz") as z:
-        return {"y_test": z["y_test"], "test_ids": z["test_ids"],
-                "scores": {k.replace("__", "|"): z[k] for k in z.files if k not in ("y_test", "test_ids")}}
+        out = {"y_test": z["y_test"], "test_ids": z["test_ids"],
+               "scores": {k.replace("__", "|"): z[k] for k in z.files if k not in ("y_test", "test_ids")}}
+    if (Path(out_dir) / "decisions.npz").is_file():
+        with np.load(Path(out_dir) / "decisions.npz") as z:
+            out["decisions"] = {k.replace("__", "|"): z[k] for k in z.files}
+    return out
 
 
 def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True,

@@ -6,8 +6,15 @@
   for ties, NaN for a column without both classes.
 * ``summary(y, s, ...)``: per-label AP, mAP over all / head / tail labels (labels without a test positive are left
   out and listed), macro AUROC, and for multi-class data balanced accuracy and top-1 accuracy.
-* ``paired_bootstrap(...)``: the difference in tail mAP of an arm to real-only, over test images resampled with
-  replacement, the same resample for both arms, averaged over seeds; 2.5 / 97.5 percentiles.
+* Decision metrics (what a user deploys: a decision per image, not a ranking), from binary decisions ``d`` (N x L):
+  the argmax class as one-hot on multi-class data; on multi-label data each label's score against the threshold that
+  maximised that label's F1 on val (``val_thresholds``, chosen within each split or fold). ``decision_metrics``:
+  balanced accuracy (multi-class only: mean recall over the classes with a test positive; the ISIC 2018 challenge's
+  metric), macro-F1 (mean F1 over the labels with a test positive), tail recall (mean recall over the tail labels
+  with a test positive).
+* ``paired_bootstrap(...)``: the difference in a metric (tail mAP by default, or a decision metric) of an arm to a
+  control, over test images resampled with replacement, the same resample for both arms, averaged over seeds;
+  2.5 / 97.5 percentiles.
 """
 
 from __future__ import annotations
@@ -74,8 +81,10 @@ def _nanmean(a: np.ndarray) -> float:
     return float(np.mean(a[~np.isnan(a)])) if np.any(~np.isnan(a)) else float("nan")
 
 
-def summary(y: np.ndarray, s: np.ndarray, labels: list[str], head: list[str], tail: list[str], multi_label: bool) -> dict:
-    """All metrics of one set of predictions. ``s``: probabilities (sigmoid or softmax), N x L."""
+def summary(y: np.ndarray, s: np.ndarray, labels: list[str], head: list[str], tail: list[str], multi_label: bool,
+            d: np.ndarray | None = None) -> dict:
+    """All metrics of one set of predictions. ``s``: probabilities (sigmoid or softmax), N x L; ``d``: the binary
+    decisions (``decisions``; default: argmax on multi-class data, 0.5 thresholds on multi-label data)."""
     ap = average_precision(y, s)
     au = auroc(y, s)
     idx = {lab: i for i, lab in enumerate(labels)}
@@ -90,11 +99,88 @@ def summary(y: np.ndarray, s: np.ndarray, labels: list[str], head: list[str], ta
         "per_label_auroc": {lab: (None if np.isnan(au[i]) else float(au[i])) for i, lab in enumerate(labels)},
         "labels_without_positives": [lab for i, lab in enumerate(labels) if np.isnan(ap[i])],
     }
+    d = decisions(s, multi_label) if d is None else d
+    dm = decision_metrics(y, d, t)
+    out.update({k: dm[k] for k in DECISION_METRICS if k != "balanced_accuracy" or not multi_label})
+    out["per_label_f1"] = {lab: dm["per_label_f1"][i] for i, lab in enumerate(labels)}
     if not multi_label:
         yt = np.asarray(y).argmax(1)
         yp = np.asarray(s).argmax(1)
         out["balanced_accuracy"] = balanced_accuracy(yt, yp)
         out["accuracy"] = float((yt == yp).mean())
+    return out
+
+
+DECISION_METRICS = ("balanced_accuracy", "macro_f1", "tail_recall")
+
+
+def decisions(scores: np.ndarray, multi_label: bool, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Binary decisions (N x L uint8): the argmax class (multi-class) or scores >= per-label thresholds."""
+    s = np.asarray(scores, dtype=np.float64)
+    if not multi_label:
+        out = np.zeros(s.shape, dtype=np.uint8)
+        if len(s):
+            out[np.arange(len(s)), s.argmax(1)] = 1
+        return out
+    t = np.full(s.shape[1], 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    return (s >= t[None, :]).astype(np.uint8)
+
+
+def val_thresholds(y_val: np.ndarray, s_val: np.ndarray) -> np.ndarray:
+    """Per label, the score threshold that maximises F1 on val (the midpoint between the chosen val score and the next
+    lower one, so that test scores between them are decided like the val image); 0.5 for a label without a val
+    positive."""
+    y = np.asarray(y_val) > 0
+    s = np.asarray(s_val, dtype=np.float64)
+    out = np.full(s.shape[1], 0.5)
+    for j in range(s.shape[1]):
+        if not y[:, j].any():
+            continue
+        order = np.argsort(-s[:, j], kind="mergesort")
+        ss, yy = s[order, j], y[order, j]
+        tp = np.cumsum(yy)
+        k = np.arange(1, len(ss) + 1)
+        f1 = 2 * tp / (k + yy.sum())
+        last = np.r_[ss[:-1] != ss[1:], True]  # a threshold can only sit between distinct scores
+        f1 = np.where(last, f1, -1)
+        i = int(np.argmax(f1))
+        out[j] = ss[i] if i + 1 >= len(ss) else (ss[i] + ss[i + 1]) / 2
+    return out
+
+
+def _decision_counts(y: np.ndarray, d: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True positives, positives and predicted positives per resample (rows of ``idx``, B x N) and label: B x L."""
+    yb = (np.asarray(y) > 0).astype(np.int32)
+    db = np.asarray(d).astype(np.int32)
+    yr, dr = yb[idx], db[idx]  # B x N x L
+    return (yr & dr).sum(1), yr.sum(1), dr.sum(1)
+
+
+def decision_metrics_resampled(metric: str, y: np.ndarray, d: np.ndarray, tail_idx: list[int],
+                               idx: np.ndarray) -> np.ndarray:
+    """A decision metric for each resample (``idx``: B x N row indices), vectorised; NaN where no label counts."""
+    tp, pos, pred = _decision_counts(y, d, idx)
+    has = pos > 0  # a label counts in a resample only where it has a positive
+    if metric in ("balanced_accuracy", "tail_recall"):
+        value = tp / np.maximum(pos, 1)
+        if metric == "tail_recall":
+            value, has = value[:, tail_idx], has[:, tail_idx]
+    elif metric == "macro_f1":
+        value = 2 * tp / np.maximum(pos + pred, 1)
+    else:
+        raise ValueError(f"unknown decision metric {metric}")
+    n = has.sum(1)
+    return np.where(n > 0, (value * has).sum(1) / np.maximum(n, 1), np.nan)
+
+
+def decision_metrics(y: np.ndarray, d: np.ndarray, tail_idx: list[int]) -> dict:
+    """Balanced accuracy, macro-F1 and tail recall of decisions ``d`` on the whole test set, and per-label F1."""
+    whole = np.arange(len(y))[None]
+    out = {m: float(decision_metrics_resampled(m, y, d, tail_idx, whole)[0]) for m in DECISION_METRICS}
+    tp, pos, pred = (v[0] for v in _decision_counts(y, d, whole))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(pos > 0, 2 * tp / np.maximum(pos + pred, 1), np.nan)
+    out["per_label_f1"] = [None if np.isnan(v) else float(v) for v in f1]
     return out
 
 
@@ -117,20 +203,25 @@ def bootstrap_indices(n: int, b: int, seed: int) -> np.ndarray:
 
 
 def paired_bootstrap(y: np.ndarray, scores_arm: list[np.ndarray], scores_ref: list[np.ndarray], tail_idx: list[int],
-                     idx: np.ndarray, chunk: int = 100) -> dict:
-    """Difference in tail mAP (arm - reference), per resample averaged over seeds (arm seed i paired with reference
-    seed i). Returns the point estimate (full test set, mean over seeds), the 95 % percentile interval, and the
-    share of resamples where the arm is better."""
+                     idx: np.ndarray, chunk: int = 100, metric: str = "map_tail") -> dict:
+    """Difference in ``metric`` (arm - reference): tail mAP of scores, or a decision metric (``DECISION_METRICS``) of
+    decisions, per resample averaged over seeds (arm seed i paired with reference seed i). Returns the point estimate
+    (full test set, mean over seeds), the 95 % percentile interval, and the share of resamples where the arm is
+    better."""
     if len(scores_arm) != len(scores_ref):
         raise ValueError("arm and reference need the same seeds")
-    point = float(np.mean([tail_map_resampled(y, a, tail_idx, np.arange(len(y))[None])[0]
-                           - tail_map_resampled(y, r, tail_idx, np.arange(len(y))[None])[0]
-                           for a, r in zip(scores_arm, scores_ref)]))
+
+    def value(x, rows):
+        if metric == "map_tail":
+            return tail_map_resampled(y, x, tail_idx, rows)
+        return decision_metrics_resampled(metric, y, x, tail_idx, rows)
+
+    whole = np.arange(len(y))[None]
+    point = float(np.mean([value(a, whole)[0] - value(r, whole)[0] for a, r in zip(scores_arm, scores_ref)]))
     diffs = np.zeros(len(idx))
     for c in range(0, len(idx), chunk):
         part = idx[c : c + chunk]
-        d = [tail_map_resampled(y, a, tail_idx, part) - tail_map_resampled(y, r, tail_idx, part)
-             for a, r in zip(scores_arm, scores_ref)]
+        d = [value(a, part) - value(r, part) for a, r in zip(scores_arm, scores_ref)]
         diffs[c : c + chunk] = np.mean(d, axis=0)
     diffs = diffs[~np.isnan(diffs)]
     lo, hi = (np.percentile(diffs, [2.5, 97.5]) if len(diffs) else (np.nan, np.nan))

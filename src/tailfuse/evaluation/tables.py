@@ -44,9 +44,20 @@ def results_markdown(r: dict) -> str:
                      "(they vary the arms' random draws; the fit itself is deterministic); figures are mean ± "
                      "standard deviation over seeds.")
     else:
-        lines.append(f"Classifier: `{pr['classifier']}` ({pr['epochs']} epochs, lr {pr['lr']:g}, weight decay picked "
-                     f"on val from {', '.join(f'{w:g}' for w in cs['weight_decay_grid'])}, epoch selection on val mAP); "
-                     f"seeds {', '.join(map(str, seeds))}; figures are mean ± standard deviation over seeds.")
+        what = {"partial": f"the last {cs.get('trainable_blocks')} blocks of EfficientNet-Lite0 (ImageNet) and a new "
+                           "head trained on frozen maps at the run's image size",
+                "finetune": "EfficientNet-Lite0, all layers", "cnn": "a small CNN from scratch"}.get(pr["classifier"], "")
+        lines.append(f"Classifier: `{pr['classifier']}`, {what} ({pr['epochs']} epochs, lr {pr['lr']:g}, weight decay "
+                     f"picked on val from {', '.join(f'{w:g}' for w in cs['weight_decay_grid'])}, epoch and weight "
+                     f"decay chosen by {cs.get('selection', 'val mAP')}); seeds {', '.join(map(str, seeds))}; figures "
+                     "are mean ± standard deviation over seeds."
+                     + (f" Image arms draw their images afresh each epoch from a pool of {cs['pool']}x the budget."
+                        if cs.get("pool") else ""))
+    decided = [m for m in ("balanced_accuracy", "macro_f1", "tail_recall") if any(m in e for e in arms.values())]
+    if decided:
+        lines.append("Decisions: " + ("the argmax class" if not multi else "each label's score against the threshold "
+                     "that maximised its F1 on val (chosen within each split or fold)") + "; balanced accuracy (mean "
+                     "recall over classes), macro-F1 and tail recall (mean recall over tail labels) of those decisions.")
     lines += [
         f"Budget: {pr['budget']['rule']}: " + ", ".join(f"{k} +{v}" for k, v in pr["budget"]["per_label"].items()) + ".",
         f"Δ tail mAP: arm minus control, paired bootstrap over test images ({pr['bootstrap']['resamples']} "
@@ -56,9 +67,24 @@ def results_markdown(r: dict) -> str:
         lines.append(f"Labels without a test positive (left out of every mAP): {', '.join(ds['labels_without_test_positives'])}.")
     lines.append("")
     controls = [c for c in ("real", "oversample", "vae-roundtrip") if c in arms]
+    names = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "tail_recall": "tail recall"}
+    if decided and pr["classifier"] != "linear":  # the tables of a classifier that learns lead with the decisions
+        lead = [m for m in decided if m != "tail_recall"][0]
+        lines += [f"## Decisions: {names[lead]}, macro-F1 and tail recall", "",
+                  "| arm | " + " | ".join(names[m] for m in decided) + " | "
+                  + " | ".join(f"Δ {names[lead]} vs {c}" for c in controls) + " | "
+                  + " | ".join(f"Δ tail recall vs {c}" for c in controls) + " |",
+                  "|" + "---|" * (1 + len(decided) + 2 * len(controls))]
+        for arm, e in arms.items():
+            lines.append(f"| {arm} | " + " | ".join(_ms(e, m) for m in decided) + " | "
+                         + " | ".join(_ci((e.get(f"delta_{lead}") or {}).get(c)) for c in controls) + " | "
+                         + " | ".join(_ci((e.get("delta_tail_recall") or {}).get(c)) for c in controls) + " |")
+        lines += ["", "## Ranking: mAP", ""]
     head = ["arm", "mAP all", "mAP head", "mAP tail"] + [f"Δ tail vs {c}" for c in controls] + ["AUROC"]
     if not multi:
         head += ["bal. acc."]
+    if "macro_f1" in decided:
+        head += ["macro-F1"]
     head += ["added"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, e in arms.items():
@@ -67,6 +93,8 @@ def results_markdown(r: dict) -> str:
         row.append(_ms(e, "auroc_macro"))
         if not multi:
             row.append(_ms(e, "balanced_accuracy"))
+        if "macro_f1" in decided:
+            row.append(_ms(e, "macro_f1"))
         row += [str(e["n_added"])]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Per-label AP (mean over seeds)", ""]
