@@ -19,8 +19,8 @@ A training set is given as mixes of rows of a *pool* (features or images): item 
 
 ``linear``: standardised features (mean / std of the arm's own training items) -> one linear layer.
 ``finetune``: EfficientNet-Lite0 (ImageNet weights, all layers trained; BatchNorm in train mode only while
-training), global average pool, dropout 0.2, linear; inputs as in ``features.Backbone`` (224 x 224, (x-127)/128),
-random horizontal flips. ``cnn``: four conv-BN-ReLU-maxpool blocks (32, 64, 128, 256 channels) on the run's image
+training), global average pool, dropout 0.2, linear; inputs at the run's own image size (not upsampled to 224),
+scaled (x-127)/128, random horizontal flips. ``cnn``: four conv-BN-ReLU-maxpool blocks (32, 64, 128, 256 channels) on the run's image
 size, global average pool, dropout 0.2, linear; random horizontal flips and random crops (4-pixel zero padding at
 32 px, scaled with the image size), learning rate on a cosine schedule. ``partial``: EfficientNet-Lite0 (ImageNet)
 at the run's own image size, its stem and first blocks frozen and computed once per image (and its mirror image),
@@ -130,8 +130,7 @@ class FinetuneNet(nn.Module):
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, n_out))
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x01, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-        x = (x * 255.0 - 127.0) / 128.0
+        x = (x01 * 255.0 - 127.0) / 128.0  # at the run's own image size, as `partial` sees it
         return self.head(self.net.extract_features(x).mean((2, 3)))
 
 

@@ -420,17 +420,8 @@ def _train_sets(spec: ArmSpec, bkey: str, seed: int, cfg: EvaluateConfig, a: np.
     """The arm's training items as a function of the epoch (``train_at(epoch) -> TrainSet``), whether the arm draws
     at random, and what its draws add to the cache key. Real rows are rows ``a`` of the pool; oversample duplicates
     tail rows, mixup mixes pairs, an image arm adds its set's rows (a fixed set, or with ``cfg.pool`` > 1 a fresh
-    draw from a pool each epoch; oversample then also draws its duplicates afresh each epoch)."""
-    train_at, random_draws, extra = _epoch_sets(spec, bkey, seed, cfg, a, y_tr, multi, col_counts, per_label, arm_sets,
-                                                rows_arm, train, eval_dir, path_col, labels)
-    if cfg.pool <= 1:  # the same items every epoch
-        ts0 = train_at(0)
-        return (lambda ep: ts0), random_draws, extra
-    return train_at, random_draws, extra
-
-
-def _epoch_sets(spec, bkey, seed, cfg, a, y_tr, multi, col_counts, per_label, arm_sets, rows_arm, train, eval_dir,
-                path_col, labels):
+    draw from a pool each epoch; oversample then also draws its duplicates afresh each epoch). With ``cfg.pool`` 1
+    every epoch gets the same items."""
     n_tr = len(a)
     real = TrainSet(a, a, np.ones(n_tr), y_tr.astype(np.float32))
     if spec.base == "oversample":
