@@ -120,3 +120,30 @@ def test_evaluate_with_the_partial_fine_tune_cmo_drw_and_a_pool(tmp_path):
     assert made["n_made"] == 16  # pool 2: twice the budget made, the budget drawn from it each epoch
     md = (run / "eval" / "results.md").read_text()
     assert "## Decisions: balanced accuracy" in md and "pool of 2x the budget" in md
+
+
+def test_the_weighted_loss_weights_each_arm_by_its_own_training_set():
+    from tailfuse.evaluation.harness import loss_weights
+
+    y_real = np.eye(3)[[0] * 8 + [1] * 4 + [2] * 2].astype(np.float32)
+    y_arm = np.r_[y_real, np.eye(3)[[2] * 6]].astype(np.float32)  # the arm tops label 2 up to 8
+    assert loss_weights("ce", "oversample", y_real, y_arm, False) is None
+    np.testing.assert_allclose(loss_weights("ce", "reweight", y_real, y_real, False), [14 / 24, 14 / 12, 14 / 6])
+    np.testing.assert_allclose(loss_weights("weighted", "oversample", y_real, y_arm, False), [20 / 24, 20 / 12, 20 / 24])
+    soft = y_arm.copy()
+    soft[-6:] = [0.5, 0, 0.5]  # soft targets count by their mass
+    np.testing.assert_allclose(loss_weights("weighted", "tailfuse", y_real, soft, False), [20 / 33, 20 / 12, 20 / 15])
+
+
+@pytest.mark.slow
+def test_under_the_weighted_loss_real_is_the_reweighted_baseline(tmp_path):
+    run = _tiny_run(tmp_path, multi_label=False, n=60)
+    common = dict(seeds=[0], per_class=4, bootstrap=0, quality=False)
+    with pytest.raises(TailfuseError, match="leave reweight out"):
+        run_evaluate(str(run), EvaluateConfig(arms=["real", "reweight"], loss="weighted", **common), progress=False)
+    plain = run_evaluate(str(run), EvaluateConfig(arms=["reweight", "oversample"], **common), progress=False)
+    weighted = run_evaluate(str(run), EvaluateConfig(arms=["real", "oversample"], loss="weighted", **common),
+                            progress=False)
+    assert weighted["arms"]["real"]["map_all"] == pytest.approx(plain["arms"]["reweight"]["map_all"], abs=1e-9)
+    assert weighted["arms"]["oversample"]["map_all"] != pytest.approx(plain["arms"]["oversample"]["map_all"], abs=1e-6)
+    assert "Loss: class-weighted for every arm" in (run / "eval" / "results.md").read_text()

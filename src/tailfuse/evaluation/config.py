@@ -39,6 +39,7 @@ IMAGE_ARMS = ("smote", "cmo", "vae-roundtrip", "prior-sample", "tailfuse-reviewe
 # arms that add no samples (the budget does not apply)
 NO_BUDGET_ARMS = ("real", "reweight", "drw")
 CLASSIFIERS = ("linear", "partial", "finetune", "cnn")
+LOSSES = ("ce", "weighted")
 DEFAULT_EPOCHS = {"finetune": 8, "cnn": 30, "partial": 20}
 # settings a fusion arm may override: FuseConfig's and DecodeConfig's own, not the ones the evaluation sets itself
 _NOT_OVERRIDABLE = {"name", "per_class", "balance_to", "seed", "device", "vae", "dtype", "batch_size", "shard_size"}
@@ -140,6 +141,10 @@ class EvaluateConfig:
     # image arms: each epoch draws the budget's n_l images per tail label afresh from a set of pool x n_l (1: the same
     # images every epoch); oversample then draws its duplicates afresh each epoch too
     pool: int = 1
+    # the training loss of every arm: ce (plain cross-entropy / BCE) | weighted (each arm's loss class-weighted by the
+    # class counts of its own training set, real plus added: the re-balancing a user adds on top of augmentation;
+    # the reweight arm is then the real arm, and drw does not apply)
+    loss: str = "ce"
     trainable_blocks: int = 3  # partial: the last MBConv blocks of EfficientNet-Lite0 that are trained
     # linear: inverse regularisation strengths C tried per arm and seed, the best on val kept
     c_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3])

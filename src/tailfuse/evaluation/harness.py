@@ -74,7 +74,7 @@ from ..errors import TailfuseError
 from ..store import RunStore, now, npz_save_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import SELECT, TrainSet, class_weights, fit_images, fit_linear
-from .config import CLASSIFIERS, DEFAULT_EPOCHS, DRW_FROM, EPOCH_ARMS, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
+from .config import CLASSIFIERS, DEFAULT_EPOCHS, DRW_FROM, EPOCH_ARMS, LOSSES, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
 from .resample import mixup_pairs, oversample_rows
 
 log = logging.getLogger("tailfuse")
@@ -99,6 +99,12 @@ def validate(cfg: EvaluateConfig) -> list[ArmSpec]:
         raise TailfuseError(f"--select '{cfg.select}' unknown; choose from {', '.join(SELECT)}.")
     if cfg.pool < 1 or cfg.trainable_blocks < 1:
         raise TailfuseError("--pool and --trainable-blocks must be at least 1.")
+    if cfg.loss not in LOSSES:
+        raise TailfuseError(f"--loss '{cfg.loss}' unknown; choose from {', '.join(LOSSES)}.")
+    loss_arms = [s.name for s in specs if s.base in ("reweight", "drw")]
+    if cfg.loss == "weighted" and loss_arms:
+        raise TailfuseError(f"under --loss weighted every arm's loss is class-weighted: the arm 'real' is the "
+                            f"re-weighted baseline; leave {', '.join(loss_arms)} out of --arms.")
     epoch_arms = [s.name for s in specs if s.base in EPOCH_ARMS]
     if epoch_arms and cfg.classifier == "linear":
         raise TailfuseError(f"arm(s) {', '.join(epoch_arms)} act during training epochs; they need a classifier "
@@ -321,6 +327,8 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
             clf_settings.update(trainable_blocks=cfg.trainable_blocks, schedule="cosine")
     if cfg.pool > 1:
         clf_settings["pool"] = cfg.pool  # the keys only then: the tables made before keep their cache keys
+    if cfg.loss != "ce":
+        clf_settings["loss"] = cfg.loss
     base_ident = {"clf": clf_settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"], "labels": labels,
                   "tail": tail, "ids": {s: split[s]["sample_id"].tolist() for s in split}}
     n_tr = len(split["train"])
@@ -350,7 +358,7 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
                     ident["seed"] = seed
                 key = f"{spec.name}|{bkey}|{seed}"
                 train_summary.setdefault(f"{spec.name}|{bkey}", _summary_of(ts, n_tr, labels))
-                weights = class_weights(y_tr, multi) if spec.base in ("reweight", "drw") else None
+                weights = loss_weights(cfg.loss, spec.base, y_tr, ts.y, multi)
                 weights_from = int(DRW_FROM * epochs) if spec.base == "drw" else 0
                 h = stable_hash(ident)[:16]
                 cache = eval_dir / "cache" / spec.slug / f"{bkey}-{'all' if seed_free else f'seed{seed}'}-{h}.npz"
@@ -412,6 +420,15 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         "timings": {"total_seconds": round(time.time() - t_start, 1), "features_seconds": features_seconds,
                     "per_arm": timings, **({"extra": extra_seconds} if extra_seconds else {})},
     }
+
+
+def loss_weights(loss: str, base: str, y_real: np.ndarray, y_arm: np.ndarray, multi: bool) -> torch.Tensor | None:
+    """The class weights of an arm's loss: under ``loss='weighted'`` every arm's, from the class counts of its own
+    training set ``y_arm`` (real plus added, soft targets counted by their mass); under ``ce`` only reweight's and
+    drw's, from the real training set ``y_real``; otherwise none."""
+    if loss == "weighted":
+        return class_weights(np.asarray(y_arm), multi)
+    return class_weights(y_real, multi) if base in ("reweight", "drw") else None
 
 
 def _train_sets(spec: ArmSpec, bkey: str, seed: int, cfg: EvaluateConfig, a: np.ndarray, y_tr: np.ndarray, multi: bool,

@@ -53,6 +53,9 @@ def results_markdown(r: dict) -> str:
                      "are mean ± standard deviation over seeds."
                      + (f" Image arms draw their images afresh each epoch from a pool of {cs['pool']}x the budget."
                         if cs.get("pool") else ""))
+    if cs.get("loss") == "weighted":
+        lines.append("Loss: class-weighted for every arm, the weights from the class counts of the arm's own training "
+                     "set (real plus added); `real` is therefore the re-weighted baseline.")
     decided = [m for m in ("balanced_accuracy", "macro_f1", "tail_recall") if any(m in e for e in arms.values())]
     if decided:
         lines.append("Decisions: " + ("the argmax class" if not multi else "each label's score against the threshold "
