@@ -408,14 +408,14 @@ def test_every_arm_end_to_end_multi_label(ml_run, ml_results):
     # decision metrics beside mAP, with their intervals against the controls (multi-label: macro-F1, tail recall)
     tf = on_disk["arms"]["tailfuse"]
     assert 0 <= tf["macro_f1"] <= 1 and 0 <= tf["tail_recall"] <= 1 and "balanced_accuracy" not in tf
-    assert set(tf["delta_macro_f1"]) == set(tf["delta_tail_recall"]) == {"real", "oversample", "vae-roundtrip"}
+    assert set(tf["delta_macro_f1"]) == set(tf["delta_tail_recall"]) == {"real", "oversample", "cmo", "vae-roundtrip"}
     assert (ev / "decisions.npz").is_file() and on_disk["protocol"]["selection"] == "map"
     for s in q.values():
         assert s["fid"] >= 0 and s["fd_domain"] >= 0 and s["n_images"] >= 2 and s["n_real_test"] >= 2
         sep = s["separability"]
         assert sep["auc"] is None or 0 <= sep["auc"] <= 1
     # every arm is compared with each control present, and the budget sweep covers every augmentation arm
-    assert set(on_disk["arms"]["tailfuse"]["delta_map_tail"]) == {"real", "oversample", "vae-roundtrip"}
+    assert set(on_disk["arms"]["tailfuse"]["delta_map_tail"]) == {"real", "oversample", "cmo", "vae-roundtrip"}
     sweep = on_disk["sweep"]
     assert set(sweep) == set(ARMS) - {"real", "reweight"}
     assert sweep["tailfuse"]["x0.5"]["per_label"] == {"t1": 4, "t2": 3} and sweep["tailfuse"]["x1"]["per_label"] == {"t1": 8, "t2": 6}

@@ -40,6 +40,8 @@ IMAGE_ARMS = ("smote", "cmo", "vae-roundtrip", "prior-sample", "tailfuse-reviewe
 NO_BUDGET_ARMS = ("real", "reweight", "drw")
 CLASSIFIERS = ("linear", "partial", "finetune", "cnn")
 LOSSES = ("ce", "weighted")
+# every arm is compared with each of these present (tail mAP and the decision metrics, paired bootstrap)
+CONTROLS = ("real", "oversample", "cmo", "vae-roundtrip")
 DEFAULT_EPOCHS = {"finetune": 8, "cnn": 30, "partial": 20}
 # settings a fusion arm may override: FuseConfig's and DecodeConfig's own, not the ones the evaluation sets itself
 _NOT_OVERRIDABLE = {"name", "per_class", "balance_to", "seed", "device", "vae", "dtype", "batch_size", "shard_size"}

@@ -7,7 +7,7 @@ run's group column (``patient_id`` when present), so a patient never spans two f
 of its own: fold k is its test set, ``fold_val_fraction`` of the rest (again stratified and grouped) its val set,
 the remainder its training set. Head and tail labels stay those of the parent run.
 
-In each fold run the sparse model is trained (with the parent's `tailfuse train` settings), and fusion, decoding and
+In each fold run (``harness._evaluate_folds`` runs them) the sparse model is trained (with the parent's `tailfuse train` settings), and fusion, decoding and
 the classifiers see only that fold's training part; `evaluate_split` then runs every arm as usual. The folds' test
 predictions are pooled (every image predicted once, by the models of the fold that held it out) and the tables are
 computed on the pooled predictions, the bootstrap resampling the pooled test images. Quality figures are the means
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 import shutil
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,8 @@ import pandas as pd
 import yaml
 
 from ..config import TrainConfig, stable_hash
-from ..dist import current
 from ..store import RunStore, write_csv_atomic, write_json_atomic, write_text_atomic
-from .config import ArmSpec, EvaluateConfig
+from .config import EvaluateConfig
 
 log = logging.getLogger("tailfuse")
 
@@ -115,41 +114,12 @@ def make_fold_run(store: RunStore, folder: Path, split: np.ndarray, note: str) -
     return fold
 
 
-def _train_config(store: RunStore) -> TrainConfig:
+def fold_train_config(store: RunStore) -> TrainConfig:
+    """The parent run's `tailfuse train` settings (run.yaml), for every fold's sparse model."""
     known = {f.name for f in fields(TrainConfig)}
     base = {k: v for k, v in (store.config().get("train") or {}).items() if k in known}
     base.update(no_imitation=False, name=None)
     return TrainConfig(**base)
-
-
-def run_folds(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool, progress: bool):
-    """Evaluate every fold; return the pooled raw results (for ``harness.summarise``) and the output folder."""
-    from ..train import run_train
-    from .harness import evaluate_split, summarise, _write
-
-    k = int(cfg.folds)
-    out_dir = store.root / "eval" / f"folds-{k}-seed{cfg.data_seed}"
-    splits = assign_folds(store, k, cfg.fold_val_fraction, cfg.data_seed)
-    tcfg = _train_config(store)
-    inner = replace(cfg, folds=None)
-    raws = []
-    for i, split in enumerate(splits):
-        note = f"fold {i + 1} of {k} (seed {cfg.data_seed})"
-        dist = current(cfg.device)
-        if dist.is_main:
-            make_fold_run(store, out_dir / f"fold-{i}", split, note)
-        dist.barrier()
-        fold = RunStore(out_dir / f"fold-{i}")
-        log.info(f"evaluate: == {note}: {int((split == 'train').sum())} train / {int((split == 'val').sum())} val / "
-            f"{int((split == 'test').sum())} test images")
-        if not (fold.stage("train") or {}).get("status") == "done":
-            log.info(f"evaluate: training the sparse model of {note}")
-        run_train(str(fold.root), tcfg, progress=progress)
-        raw = evaluate_split(fold, inner, specs, force, progress)
-        if raw is not None:  # the main process (others helped make the sets)
-            _write(summarise(raw, inner, specs), fold.root / "eval")  # the fold's own tables
-            raws.append(raw)
-    return (pool(raws, k, cfg) if raws else None), out_dir
 
 
 def pool(raws: list[dict], k: int, cfg: EvaluateConfig) -> dict:

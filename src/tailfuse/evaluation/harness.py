@@ -29,6 +29,8 @@ Arms (same classifier and tuning; see ``config.py``):
   tailfuse-kept          (only when named) + tailfuse with the `kept` label policy (multi-label data)
   <fusion arm>[k=v,...]  (only when named) a fusion arm with other fuse / decode settings, e.g.
                          tailfuse[pixel_detail=true,candidates=3]
+``--loss weighted`` class-weights every arm's loss by the class counts of its own training set (real plus added), so
+``real`` is then the re-weighted baseline and each augmentation is measured with re-balancing on top.
 Every augmentation arm adds the same number of new samples per tail label (``tailfuse.budget``; default: top each
 tail label up to the median head-label train count, at most 5x its real count). ``--budgets 0.5,1,2,5`` also runs
 every augmentation arm at those multiples of each tail label's real train count (the sweep). Synthetic images enter
@@ -37,7 +39,7 @@ training as a user would add them: PNG files plus manifest rows. The image arms'
 
 Metrics (test set). Per-label AP (labels without a test positive are left out of every mean and listed), mAP over
 all / head / tail labels, macro AUROC, balanced accuracy and accuracy (multi-class); mean and standard deviation
-over seeds. For every arm, the difference in tail mAP to each control present (real, oversample, vae-roundtrip)
+over seeds. For every arm, the difference in tail mAP to each control present (real, oversample, cmo, vae-roundtrip)
 with a paired bootstrap 95 % interval: test images resampled with replacement (``bootstrap`` resamples, seed
 ``data_seed``), the same resample for both arms, the difference averaged over seeds (seed s paired with seed s).
 
@@ -74,13 +76,12 @@ from ..errors import TailfuseError
 from ..store import RunStore, now, npz_save_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
 from . import metrics as M
 from .classifier import SELECT, TrainSet, class_weights, fit_images, fit_linear
-from .config import CLASSIFIERS, DEFAULT_EPOCHS, DRW_FROM, EPOCH_ARMS, LOSSES, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
+from .config import CLASSIFIERS, CONTROLS, DEFAULT_EPOCHS, DRW_FROM, EPOCH_ARMS, LOSSES, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
 from .resample import mixup_pairs, oversample_rows
 
 log = logging.getLogger("tailfuse")
 
 DEFAULT_LR = {"finetune": 1e-4, "cnn": 1e-3, "partial": 5e-4}
-CONTROLS = ("real", "oversample", "vae-roundtrip")  # every arm's tail mAP is compared with each of these present
 MAIN = "main"  # key of the default budget
 
 
@@ -641,6 +642,38 @@ def load_scores(out_dir) -> dict:
     return out
 
 
+def _evaluate_folds(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool, progress: bool):
+    """Evaluate every fold (``folds.py`` makes the fold runs); return the pooled raw results and the output folder."""
+    from dataclasses import replace
+
+    from ..train import run_train
+    from .folds import assign_folds, fold_train_config, make_fold_run, pool
+
+    k = int(cfg.folds)
+    out_dir = store.root / "eval" / f"folds-{k}-seed{cfg.data_seed}"
+    splits = assign_folds(store, k, cfg.fold_val_fraction, cfg.data_seed)
+    tcfg = fold_train_config(store)
+    inner = replace(cfg, folds=None)
+    raws = []
+    for i, split in enumerate(splits):
+        note = f"fold {i + 1} of {k} (seed {cfg.data_seed})"
+        dist = current(cfg.device)
+        if dist.is_main:
+            make_fold_run(store, out_dir / f"fold-{i}", split, note)
+        dist.barrier()
+        fold = RunStore(out_dir / f"fold-{i}")
+        log.info(f"evaluate: == {note}: {int((split == 'train').sum())} train / {int((split == 'val').sum())} val / "
+            f"{int((split == 'test').sum())} test images")
+        if not (fold.stage("train") or {}).get("status") == "done":
+            log.info(f"evaluate: training the sparse model of {note}")
+        run_train(str(fold.root), tcfg, progress=progress)
+        raw = evaluate_split(fold, inner, specs, force, progress)
+        if raw is not None:  # the main process (others helped make the sets)
+            _write(summarise(raw, inner, specs), fold.root / "eval")  # the fold's own tables
+            raws.append(raw)
+    return (pool(raws, k, cfg) if raws else None), out_dir
+
+
 def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True,
                  command: str | None = None) -> dict:
     specs = validate(cfg)
@@ -650,9 +683,7 @@ def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: b
     store = RunStore(run)
     store.require("encode")
     if cfg.folds:
-        from .folds import run_folds
-
-        raw, out_dir = run_folds(store, cfg, specs, force, progress)
+        raw, out_dir = _evaluate_folds(store, cfg, specs, force, progress)
     else:
         raw = evaluate_split(store, cfg, specs, force, progress)
         out_dir = store.root / "eval"

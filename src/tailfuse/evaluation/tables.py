@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import CONTROLS
+
 
 def _f(v, d=3) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{d}f}"
@@ -69,7 +71,7 @@ def results_markdown(r: dict) -> str:
     if ds["labels_without_test_positives"]:
         lines.append(f"Labels without a test positive (left out of every mAP): {', '.join(ds['labels_without_test_positives'])}.")
     lines.append("")
-    controls = [c for c in ("real", "oversample", "vae-roundtrip") if c in arms]
+    controls = [c for c in CONTROLS if c in arms]
     names = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "tail_recall": "tail recall"}
     if decided and pr["classifier"] != "linear":  # the tables of a classifier that learns lead with the decisions
         lead = [m for m in decided if m != "tail_recall"][0]
