@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cli_common import add_verbosity_args
 from .config import load_yaml, resolve
 from .errors import TailfuseError, q
 from .evaluation.cli_args import add_evaluate_parser, cmd_evaluate
@@ -109,15 +110,7 @@ EXISTING_RUN = "run folder made by `tailfuse encode` or `tailfuse run`"
 def _common(p: argparse.ArgumentParser, run_required: bool = True, creates: bool = False) -> None:
     p.add_argument("--run", required=run_required, help="run folder (created if needed)" if creates else EXISTING_RUN)
     p.add_argument("--config", help="YAML file with sections data, vae, encode, ... (flags override it)")
-    _verbosity(p)
-
-
-def _verbosity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars, warnings and errors only")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages too")
-    p.add_argument("--processes", type=int, default=argparse.SUPPRESS,
-                   help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
+    add_verbosity_args(p)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -254,26 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--name", default="synthetic", help="the decoded set to review (default synthetic)")
     p.add_argument("--per-page", type=int, default=100, help="images per page (default 100)")
-    _verbosity(p)
+    add_verbosity_args(p)
 
     p = sub.add_parser("review", help="record the decisions exported from the report; write <set>/manifest.accepted.csv")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--name", default="synthetic", help="the reviewed set (default synthetic)")
     p.add_argument("--decisions", required=True, help="the CSV exported from the report (set_id, synth_id, decision, reviewer, decided_at)")
-    _verbosity(p)
+    add_verbosity_args(p)
 
     add_evaluate_parser(sub)
 
     p = sub.add_parser("info", help="what a run folder holds")
     p.add_argument("--run", required=True, help="run folder")
-    _verbosity(p)
+    add_verbosity_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in ELPV solar-cell dataset (PyPI elpv-dataset)")
     p.add_argument("--run", default="tailfuse-demo", help="run folder (default ./tailfuse-demo)")
     p.add_argument("--vae", help="VAE folder or hub id (default: $TAILFUSE_VAE, else madebyollin/taesd from the hub)")
     p.add_argument("--device", help="cpu (default), cuda, ...")
-    _verbosity(p)
+    add_verbosity_args(p)
     return ap
 
 
