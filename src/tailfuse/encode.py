@@ -269,7 +269,7 @@ def _encode_shard(si: int, rows: pd.DataFrame, data_cfg: DataConfig, enc_cfg: En
 
 
 def _read_batch(batch: pd.DataFrame, data_cfg: DataConfig, pool: ThreadPoolExecutor, skipped: list) -> list:
-    """A batch's readable images as (sample_id, image); unreadable ones are appended to ``skipped`` (fatal if strict)."""
+    """A batch's readable images as (sample_id, image); unreadable ones go to ``skipped`` (fatal with --strict)."""
 
     def load(p):
         try:
@@ -317,8 +317,7 @@ def _finish(ds: Dataset, data_cfg: DataConfig, store: RunStore, st: Stage, keys:
 
 def _labels_of_kept(ds: Dataset, table: pd.DataFrame, labels: list, skipped_ids: set, data_cfg: DataConfig,
                     store: RunStore, head: list, tail: list) -> tuple[list, list, list]:
-    """Labels, head and tail of the images kept when some were skipped (a label left without images is an error,
-    or dropped with --drop-empty-labels)."""
+    """Labels, head and tail of the kept images; a label left without images fails or goes (--drop-empty-labels)."""
     kept = Dataset(table, labels, ds.multi_label, ds.source, ds.source_path, ds.metadata_columns, ds.path_column,
                    label_column=ds.label_column)
     empty = [lab for lab in labels if int(table[lab].sum()) == 0]
