@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .cli_common import add_verbosity_args
 from .config import load_yaml, resolve
 from .errors import TailfuseError, q
