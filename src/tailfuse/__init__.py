@@ -10,8 +10,7 @@ folder. From Python::
     table = tailfuse.evaluate("runs/isic", arms=["real", "oversample", "tailfuse"]).table()
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import TailfuseError
 
 __all__ = ["TailfuseError", "TailFuseSampler", "run", "evaluate", "datasets", "__version__"]

@@ -12,7 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
+from .cli_common import add_verbosity_args
 from .config import load_yaml, resolve
 from .errors import TailfuseError, q
 from .evaluation.cli_args import add_evaluate_parser, cmd_evaluate
@@ -109,15 +110,7 @@ EXISTING_RUN = "run folder made by `tailfuse encode` or `tailfuse run`"
 def _common(p: argparse.ArgumentParser, run_required: bool = True, creates: bool = False) -> None:
     p.add_argument("--run", required=run_required, help="run folder (created if needed)" if creates else EXISTING_RUN)
     p.add_argument("--config", help="YAML file with sections data, vae, encode, ... (flags override it)")
-    _verbosity(p)
-
-
-def _verbosity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars, warnings and errors only")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages too")
-    p.add_argument("--processes", type=int, default=argparse.SUPPRESS,
-                   help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
+    add_verbosity_args(p)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,6 +122,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tailfuse` parser: the top-level flags and every sub-command's."""
     ap = _Parser(
         prog="tailfuse",
         description="Synthetic training images for the rare classes of long-tailed image datasets, made in the "
@@ -140,7 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--processes", type=int, default=1, help="run in N processes (encode, fuse, refine, sample and "
                     "decode share their shards; output identical to one process)")
     sub = ap.add_subparsers(dest="command", metavar="command")
+    # one function a sub-command, in the order `tailfuse --help` lists them
+    for add in (_add_encode_parser, _add_train_parser, _add_fuse_parser, _add_decode_parser, _add_run_parser,
+                _add_train_prior_parser, _add_refine_parser, _add_sample_parser, _add_report_parser,
+                _add_review_parser, add_evaluate_parser, _add_info_parser, _add_demo_parser):
+        add(sub)
+    return ap
 
+
+def _add_encode_parser(sub) -> None:
+    """`tailfuse encode`: input, VAE and shard flags."""
     p = sub.add_parser("encode", help="images -> VAE latents in the run folder (resumable)")
     _common(p, creates=True)
     _add_data_args(p)
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, help="latents per shard file (default 512)")
     g.add_argument("--force", action="store_true", help="discard an earlier encode in this run folder and redo it")
 
+
+def _add_train_parser(sub) -> None:
+    """`tailfuse train`: the settings of iterated learning."""
     p = sub.add_parser("train", help="iterated learning of the sparse code on the run's latents (resumable)")
     _common(p)
     g = p.add_argument_group("iterated learning")
@@ -176,16 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp", action="store_true", default=None, help="with --processes N: data-parallel training over the processes (else the main process trains alone)")
     g.add_argument("--force", action="store_true", help="discard an earlier model of this name and train again")
 
+
+def _add_fuse_parser(sub) -> None:
+    """`tailfuse fuse`: the fusion flags."""
     p = sub.add_parser("fuse", help="saliency, neighbours and fusion: synthetic tail latents (resumable)")
     _common(p)
     _add_fuse_args(p)
     p.add_argument("--force", action="store_true", help="discard an earlier synthetic set of this name and redo it")
 
+
+def _add_decode_parser(sub) -> None:
+    """`tailfuse decode`: the VAE and the pixel-space options."""
     p = sub.add_parser("decode", help="synthetic latents -> PNG images, manifest.csv and provenance.jsonl (resumable)")
     _common(p)
     _add_decode_args(p)
     p.add_argument("--force", action="store_true", help="decode again")
 
+
+def _add_run_parser(sub) -> None:
+    """`tailfuse run`: the flags of every stage it runs."""
     p = sub.add_parser("run", help="encode, train, fuse and decode (each stage skipped when done; resumable)")
     _common(p, creates=True)
     _add_data_args(p)
@@ -206,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("refine (the diffusion step; trains the prior first when missing)")
     _add_refine_flags(g)
 
+
+def _add_train_prior_parser(sub) -> None:
+    """`tailfuse train-prior`: the latent diffusion prior's settings."""
     p = sub.add_parser("train-prior", help="a class-conditional latent diffusion model on the run's training latents (resumable)")
     _common(p)
     g = p.add_argument_group("prior")
@@ -224,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="folder of the prior in the run (default prior)")
     p.add_argument("--force", action="store_true", help="discard an earlier prior of this name and train again")
 
+
+def _add_refine_parser(sub) -> None:
+    """`tailfuse refine`: SDEdit refinement of a latent set."""
     p = sub.add_parser("refine", help="few-step SDEdit refinement of a latent set with the run's prior or a Stable Diffusion model (resumable)")
     _common(p)
     g = p.add_argument_group("refine")
@@ -238,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu (default), cuda, ...")
     p.add_argument("--force", action="store_true", help="discard an earlier refined set of this name and redo it")
 
+
+def _add_sample_parser(sub) -> None:
+    """`tailfuse sample`: sampling tail classes from noise."""
     p = sub.add_parser("sample", help="full diffusion sampling of tail classes from noise with the run's prior (a baseline)")
     _common(p)
     g = p.add_argument_group("sample")
@@ -250,31 +274,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     p.add_argument("--force", action="store_true", help="discard an earlier set of this name and redo it")
 
+
+def _add_report_parser(sub) -> None:
+    """`tailfuse report`: the review page of a set."""
     p = sub.add_parser("report", help="an HTML page to review a synthetic set: every image beside its sources, maps, mask and scores")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--name", default="synthetic", help="the decoded set to review (default synthetic)")
     p.add_argument("--per-page", type=int, default=100, help="images per page (default 100)")
-    _verbosity(p)
+    add_verbosity_args(p)
 
+
+def _add_review_parser(sub) -> None:
+    """`tailfuse review`: importing the decisions made on the report."""
     p = sub.add_parser("review", help="record the decisions exported from the report; write <set>/manifest.accepted.csv")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--name", default="synthetic", help="the reviewed set (default synthetic)")
     p.add_argument("--decisions", required=True, help="the CSV exported from the report (set_id, synth_id, decision, reviewer, decided_at)")
-    _verbosity(p)
+    add_verbosity_args(p)
 
-    add_evaluate_parser(sub)
 
+def _add_info_parser(sub) -> None:
+    """`tailfuse info`: what a run folder holds."""
     p = sub.add_parser("info", help="what a run folder holds")
     p.add_argument("--run", required=True, help="run folder")
-    _verbosity(p)
+    add_verbosity_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_demo_parser(sub) -> None:
+    """`tailfuse demo`: the pipeline on the built-in ELPV dataset."""
     p = sub.add_parser("demo", help="the whole pipeline on the built-in ELPV solar-cell dataset (PyPI elpv-dataset)")
     p.add_argument("--run", default="tailfuse-demo", help="run folder (default ./tailfuse-demo)")
     p.add_argument("--vae", help="VAE folder or hub id (default: $TAILFUSE_VAE, else madebyollin/taesd from the hub)")
     p.add_argument("--device", help="cpu (default), cuda, ...")
-    _verbosity(p)
-    return ap
+    add_verbosity_args(p)
 
 
 def _values(args: argparse.Namespace) -> dict:

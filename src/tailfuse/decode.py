@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from .codec import VAECodec
 from .config import DecodeConfig, stable_hash
 from .errors import TailfuseError
-from .dist import current
+from .dist import Dist, current
 from .images import save_png
 from .latentset import LatentSet
 from .stage import Stage
-from .store import RunStore, write_csv_atomic, write_text_atomic
+from .store import RunStore, ShardSet, write_csv_atomic, write_text_atomic
 
 log = logging.getLogger("tailfuse")
 
@@ -122,6 +122,7 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     """Decode the latent set ``cfg.name`` (fused, refined or sampled) to PNGs, a manifest and provenance; returns the
     stage record. ``codec``: a loaded VAE (default: ``cfg.vae`` or the run's own). Work is split into shards of
     ``cfg.shard_size`` images, shared between processes; a killed decode redoes at most one shard per process."""
+    # 1. check the settings; the latent set, the VAE, and how the set is to be decoded
     validate(cfg)
     store = RunStore(run)
     lset = LatentSet.open(store, cfg.name)
@@ -130,12 +131,8 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     labels = labels_info["labels"]
     enc = store.stage("encode")
     dist = current(cfg.device)
-    vae_name = cfg.vae or enc["vae"]["name"]
-    codec = codec or VAECodec.load(vae_name, cfg.device, cfg.dtype)
-    if codec.fingerprint()["weights_sha256"] != enc["vae"]["weights_sha256"]:
-        log.info(f"note: decoding with VAE '{codec.name}', not the one the run was encoded with ({enc['vae']['name']})")
+    codec = _load_codec(codec, cfg, enc)
     out = lset.folder
-    stage = f"decode-{cfg.name}"
     table = lset.table()
     n_candidates = int(table["candidate"].max()) + 1 if "candidate" in table.columns and len(table) else 1
     select = n_candidates > 1 or cfg.drop_near_copies
@@ -145,85 +142,28 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     if pixel and not fused:
         raise TailfuseError(f"{pixel} needs a fused set (its source images and masks); '{cfg.name}' was not made "
                             f"by fusion. Decode it without {pixel}.")
-    settings = {"pixel_detail": detail}
-    if cfg.pixel_composite:  # the key only then, so earlier sets keep their hash
-        settings["pixel_composite"] = True
+    # 2. open the stage (skipped when done)
     grey = bool(labels_info.get("greyscale"))
-    if grey:  # greyscale inputs: greyscale PNGs (the key only then, so colour runs keep their earlier hash)
-        settings["greyscale"] = True
-    if select:
-        settings.update(drop_near_copies=cfg.drop_near_copies, near_copy_quantile=cfg.near_copy_quantile)
-    config_hash = stable_hash({"fuse": lset.record["config_hash"], "vae": codec.fingerprint(), **settings})
-    st = Stage.open(store, stage, config_hash, what=f"decoded images of '{cfg.name}'", force=force, dist=dist,
-                    wipe=[out / "images", out / "manifest.csv", out / "provenance.jsonl"],
-                    inputs={f"{lset.kind}-{cfg.name}": lset.record["config_hash"]},
-                    extra={"vae": codec.identity(), "settings": settings})
+    st = _open_stage(store, lset, cfg, codec, _stage_settings(cfg, detail, grey, select), force, dist)
     if st.done:
         log.info(f"decode already done for '{cfg.name}' ({st.record['n_images']} images); skipping (`{st.redo}` redoes it).")
         return st.record
     if dist.is_main:
-        store.write_config(stage, asdict(cfg))
+        store.write_config(st.name, asdict(cfg))
+    # 3. image paths, the source images (pixel detail or composites), and the shard loop
     folder_layout = labels_info.get("source") == "folder"
     table["path"] = [_image_relpath(r, labels, folder_layout) for _, r in table.iterrows()]
-    paths = dict(zip(table["synth_id"], table["path"]))
-    by_id = table.set_index("synth_id")
     sources = None
     if pixel:
         ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int)))
         sources = _Sources(store, codec, ids, progress and dist.is_main, dist, roundtrips=detail)
-    all_ids = table["synth_id"].to_numpy()
-    chunks = [all_ids[a : a + cfg.shard_size] for a in range(0, len(all_ids), cfg.shard_size)]
-    n_done = sum(int(v["n"]) for v in st.shards().values())
-    bar = tqdm(total=len(all_ids), initial=n_done, desc=f"decode {cfg.name}", unit="img",
-               disable=not progress or not dist.is_main, file=sys.stderr)
-    try:
-        for si in st.todo(list(range(len(chunks)))):
-            chunk = chunks[si]
-            for a in range(0, len(chunk), cfg.batch_size):
-                ids = chunk[a : a + cfg.batch_size]
-                if sources is None:
-                    imgs = codec.decode(shards.get(ids))
-                else:
-                    rows = by_id.loc[ids]
-                    x_t, rt_t = sources.images(rows["tail_sample_id"])
-                    x_h, rt_h = sources.images(rows["head_sample_id"])
-                    mask, feather = shards.get(ids, key="mask"), float(rows["feather"].iloc[0])
-                    if cfg.pixel_composite:
-                        imgs = pixel_composite(mask, feather, x_t, x_h)
-                    else:
-                        imgs = pixel_detail(codec.decode(shards.get(ids)).float().cpu(), mask, feather, x_t, rt_t, x_h, rt_h)
-                for sid, img in zip(ids, imgs):
-                    p = out / paths[int(sid)]
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    save_png(img, str(p), grey=grey)
-                dist.advance(bar, len(ids))
-            st.finish_shard(si, {"n": len(chunk)})
-    finally:
-        bar.close()
+    _decode_shards(cfg, codec, shards, table, sources, st, out, grey, progress, dist)
     dist.barrier()
+    # 4. finish: the best candidates, manifest and provenance, the stage's record
     keep = np.ones(len(table), bool)
     extra = {}
     if select and dist.is_main:
-        from .scoring import RealScorer, run_image_features
-
-        t1 = time.time()
-        scorer = RealScorer.fit(store, cfg.near_copy_quantile, progress=progress)
-        paths = [str(out / p) for p in table["path"]]
-        feats = run_image_features(store, paths, progress=progress, desc="synthetic image features")
-        sc = scorer.score(feats, table["tail_label"].tolist(), paths)
-        keep = select_samples(table, sc, cfg.drop_near_copies)
-        for k in ("tail_prob", "nn_distance", "nn_ratio"):
-            table[k] = sc[k].astype(np.float64)
-        table["nn_sample_id"] = sc["nn_sample_id"]
-        table["near_copy"] = sc["near_copy"]
-        table["selected"] = keep
-        extra["selection"] = {"candidates_per_sample": n_candidates, "n_candidates": int(len(table)),
-                              "n_selected": int(keep.sum()), "n_near_copies": int(sc["near_copy"].sum()),
-                              "near_copy_threshold": scorer.copy_threshold, "scorer": scorer.model.info,
-                              "slots_without_a_sample": int(table["slot"].nunique() - keep.sum()) if "slot" in table else 0,
-                              "seconds": round(time.time() - t1, 2)}
-        log.info(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
-                 f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
+        keep, extra = _select_candidates(store, cfg, out, table, n_candidates, progress)
     if dist.is_main:
         _write_manifest_and_provenance(out, table, keep, labels, labels_info.get("path_column", "path"),
                                        {"pixel_detail": detail, "pixel_composite": cfg.pixel_composite},
@@ -234,6 +174,104 @@ def run_decode(run: str, cfg: DecodeConfig, force: bool = False, progress: bool 
     log.info(f"decoded {len(table)} images into {out / 'images'}" + (f" ({n_kept} in the manifest)" if select else "")
              + f"\nmanifest: {out / 'manifest.csv'}\nprovenance: {out / 'provenance.jsonl'}")
     return rec
+
+
+def _load_codec(codec: VAECodec | None, cfg: DecodeConfig, enc: dict) -> VAECodec:
+    """The VAE to decode with (given, ``cfg.vae``, or the run's own); a note when it is not the run's."""
+    vae_name = cfg.vae or enc["vae"]["name"]
+    codec = codec or VAECodec.load(vae_name, cfg.device, cfg.dtype)
+    if codec.fingerprint()["weights_sha256"] != enc["vae"]["weights_sha256"]:
+        log.info(f"note: decoding with VAE '{codec.name}', not the one the run was encoded with ({enc['vae']['name']})")
+    return codec
+
+
+def _stage_settings(cfg: DecodeConfig, detail: bool, grey: bool, select: bool) -> dict:
+    """The settings that enter the stage's hash (keys added later only when set, so earlier sets keep their hash)."""
+    settings = {"pixel_detail": detail}
+    if cfg.pixel_composite:  # the key only then, so earlier sets keep their hash
+        settings["pixel_composite"] = True
+    if grey:  # greyscale inputs: greyscale PNGs (the key only then, so colour runs keep their earlier hash)
+        settings["greyscale"] = True
+    if select:
+        settings.update(drop_near_copies=cfg.drop_near_copies, near_copy_quantile=cfg.near_copy_quantile)
+    return settings
+
+
+def _open_stage(store: RunStore, lset: LatentSet, cfg: DecodeConfig, codec: VAECodec, settings: dict, force: bool,
+                dist: Dist) -> Stage:
+    """The stage ``decode-<name>``, hashed over the latent set, the VAE and ``settings``."""
+    out = lset.folder
+    config_hash = stable_hash({"fuse": lset.record["config_hash"], "vae": codec.fingerprint(), **settings})
+    return Stage.open(store, f"decode-{cfg.name}", config_hash, what=f"decoded images of '{cfg.name}'", force=force,
+                      dist=dist, wipe=[out / "images", out / "manifest.csv", out / "provenance.jsonl"],
+                      inputs={f"{lset.kind}-{cfg.name}": lset.record["config_hash"]},
+                      extra={"vae": codec.identity(), "settings": settings})
+
+
+def _decode_shards(cfg: DecodeConfig, codec: VAECodec, shards: ShardSet, table: pd.DataFrame, sources: _Sources | None,
+                   st: Stage, out: Path, grey: bool, progress: bool, dist: Dist) -> None:
+    """Decode this process's shards of ``table`` batch by batch into the PNGs at ``table['path']``."""
+    paths = dict(zip(table["synth_id"], table["path"]))
+    by_id = table.set_index("synth_id")
+    all_ids = table["synth_id"].to_numpy()
+    chunks = [all_ids[a : a + cfg.shard_size] for a in range(0, len(all_ids), cfg.shard_size)]
+    n_done = sum(int(v["n"]) for v in st.shards().values())
+    bar = tqdm(total=len(all_ids), initial=n_done, desc=f"decode {cfg.name}", unit="img",
+               disable=not progress or not dist.is_main, file=sys.stderr)
+    try:
+        for si in st.todo(list(range(len(chunks)))):
+            chunk = chunks[si]
+            for a in range(0, len(chunk), cfg.batch_size):
+                ids = chunk[a : a + cfg.batch_size]
+                imgs = _decode_batch(cfg, codec, shards, ids, by_id, sources)
+                for sid, img in zip(ids, imgs):
+                    p = out / paths[int(sid)]
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    save_png(img, str(p), grey=grey)
+                dist.advance(bar, len(ids))
+            st.finish_shard(si, {"n": len(chunk)})
+    finally:
+        bar.close()
+
+
+def _decode_batch(cfg: DecodeConfig, codec: VAECodec, shards: ShardSet, ids, by_id: pd.DataFrame,
+                  sources: _Sources | None) -> torch.Tensor:
+    """One batch of images: decoded latents, with each source's codec error put back, or pixel composites."""
+    if sources is None:
+        return codec.decode(shards.get(ids))
+    rows = by_id.loc[ids]
+    x_t, rt_t = sources.images(rows["tail_sample_id"])
+    x_h, rt_h = sources.images(rows["head_sample_id"])
+    mask, feather = shards.get(ids, key="mask"), float(rows["feather"].iloc[0])
+    if cfg.pixel_composite:
+        return pixel_composite(mask, feather, x_t, x_h)
+    return pixel_detail(codec.decode(shards.get(ids)).float().cpu(), mask, feather, x_t, rt_t, x_h, rt_h)
+
+
+def _select_candidates(store: RunStore, cfg: DecodeConfig, out: Path, table: pd.DataFrame, n_candidates: int,
+                       progress: bool) -> tuple[np.ndarray, dict]:
+    """Score every decoded image and keep each slot's best candidate; adds the score columns to ``table``."""
+    from .scoring import RealScorer, run_image_features
+
+    t1 = time.time()
+    scorer = RealScorer.fit(store, cfg.near_copy_quantile, progress=progress)
+    paths = [str(out / p) for p in table["path"]]
+    feats = run_image_features(store, paths, progress=progress, desc="synthetic image features")
+    sc = scorer.score(feats, table["tail_label"].tolist(), paths)
+    keep = select_samples(table, sc, cfg.drop_near_copies)
+    for k in ("tail_prob", "nn_distance", "nn_ratio"):
+        table[k] = sc[k].astype(np.float64)
+    table["nn_sample_id"] = sc["nn_sample_id"]
+    table["near_copy"] = sc["near_copy"]
+    table["selected"] = keep
+    extra = {"selection": {"candidates_per_sample": n_candidates, "n_candidates": int(len(table)),
+                           "n_selected": int(keep.sum()), "n_near_copies": int(sc["near_copy"].sum()),
+                           "near_copy_threshold": scorer.copy_threshold, "scorer": scorer.model.info,
+                           "slots_without_a_sample": int(table["slot"].nunique() - keep.sum()) if "slot" in table else 0,
+                           "seconds": round(time.time() - t1, 2)}}
+    log.info(f"selection: kept {int(keep.sum())} of {len(table)} candidates ({n_candidates} per sample; "
+             f"{int(sc['near_copy'].sum())} near-copies of real images" + (", left out" if cfg.drop_near_copies else "") + ")")
+    return keep, extra
 
 
 def _source_metadata(store: RunStore, labels_info: dict) -> pd.DataFrame:

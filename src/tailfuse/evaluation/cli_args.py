@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..cli_common import add_verbosity_args
 from .config import ARMS, CLASSIFIERS, OPTIONAL_ARMS, EvaluateConfig
 
 
@@ -52,9 +53,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="run folder (encode done; 'train' model for the fusion arms)")
     p.add_argument("--config", help="YAML file with a section 'evaluate' (flags override it)")
-    from ..cli import _verbosity
-
-    _verbosity(p)
+    add_verbosity_args(p)
     g = p.add_argument_group("arms and classifier")
     g.add_argument("--arms", type=_arm_list, help=f"comma-separated arms (default: {','.join(ARMS)}; also "
                    f"{','.join(OPTIONAL_ARMS)}, and fusion arms with other settings, e.g. "

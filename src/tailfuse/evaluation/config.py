@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from ..errors import TailfuseError
+from ..stage_config import DecodeConfig, FuseConfig
 
 ARMS = ("real", "reweight", "oversample", "smote", "mixup", "cmo", "vae-roundtrip", "tailfuse", "tailfuse-no-imitation",
         "reference")
@@ -88,8 +89,6 @@ class ArmSpec:
 
 
 def parse_arm(spec: str) -> ArmSpec:
-    from ..config import DecodeConfig, FuseConfig
-
     spec = spec.strip()
     base, _, rest = spec.partition("[")
     base = base.strip()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..budget import budget, per_class_strategy, strategy_from_flags, validate_strategy
 from ..config import FuseConfig, hashed_settings, stable_hash
-from ..dist import current
+from ..dist import Dist, current
 from ..errors import TailfuseError
 from ..latentset import LatentSet
 from ..sparse.nets import SparseModel
@@ -288,6 +288,7 @@ def target_counts(cfg: FuseConfig, train_counts: dict[str, int], head: list[str]
 def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = True, model=None) -> dict:
     """Fuse tail and head samples into ``<run>/<cfg.name>``; returns the stage record. ``model``: a loaded
     SparseModel (default: the run's ``cfg.model`` at ``cfg.generation``). Shards are shared between processes."""
+    # 1. check the settings and inputs; the number of new samples per tail label
     _validate(cfg)
     store = RunStore(run)
     store.require("encode")
@@ -296,47 +297,94 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
     dist = current(cfg.device)
     labels_info = store.labels()
     labels, head, tail = labels_info["labels"], labels_info["head_labels"], labels_info["tail_labels"]
-    multi = labels_info["multi_label"]
     samples = store.samples().set_index("sample_id")
     train = samples[samples["split"] == "train"]
     counts = target_counts(cfg, {lab: int(train[lab].sum()) for lab in labels}, head, tail)  # validates the budget
     model = model if model is not None else SparseModel.from_run(store, cfg.model, gen, device=cfg.device)
-    device = next(model.parameters()).device
+    # 2. open the stage (skipped when done)
+    enc = store.stage("encode")
+    st, config_hash = _open_stage(store, cfg, gen, model_sha, enc, force, dist)
+    if st.done:
+        log.info(f"fuse already done for '{cfg.name}' ({st.record['n_synthetic']} samples); skipping (`{st.redo}` redoes it).")
+        return st.record
+    if dist.is_main:
+        store.write_config(st.name, asdict(cfg))
+    # 3. saliency maps, head neighbours of every tail map, and the plan of samples to make
+    table, maps, sal_folder = run_saliency(store, cfg, model, gen, model_sha, progress)
+    groups = samples[cfg.neighbours_within].astype(str) if cfg.neighbours_within else None
+    neigh = run_neighbours(table, maps, sal_folder, cfg, labels, groups, write=dist.is_main)
+    items = _plan_samples(table, labels, counts, cfg)
+    st.update(n_planned=len(items))
+    ctx = _FuseContext(
+        cfg=cfg, model=model, device=next(model.parameters()).device, samples=samples, labels=labels,
+        multi=labels_info["multi_label"], shards=store.latents(), maps=maps,
+        nb={(int(r.tail_row), int(r.rank)): r for r in neigh.itertuples()},
+        n_neigh=neigh.groupby("tail_row")["rank"].max().add(1).to_dict(),
+        gen=gen, model_sha=model_sha, encode_hash=enc["config_hash"],
+        saliency_hash=store.stage(f"saliency-{sal_folder.name}")["config_hash"], fuse_hash=config_hash)
+    # 4. the shard loop
+    out = store.root / cfg.name
+    files = _fuse_shards(ctx, st, items, out, progress, dist)
+    dist.barrier()
+    # 5. finish: samples.csv and the stage's record
+    return _finish(st, out, files, tail, sal_folder, dist)
+
+
+@dataclass
+class _FuseContext:
+    """What every batch of the shard loop reads: settings, model, inputs, neighbours and the hashes of provenance."""
+
+    cfg: FuseConfig
+    model: SparseModel
+    device: torch.device
+    samples: pd.DataFrame  # indexed by sample_id
+    labels: list[str]
+    multi: bool
+    shards: ShardSet  # the run's latents
+    maps: ShardSet  # saliency maps
+    nb: dict  # (tail_row, rank) -> neighbour row
+    n_neigh: dict  # tail_row -> neighbours found (fewer in a small --neighbours-within group)
+    gen: int
+    model_sha: str
+    encode_hash: str
+    saliency_hash: str
+    fuse_hash: str
+
+
+def _open_stage(store: RunStore, cfg: FuseConfig, gen: int, model_sha: str, enc: dict, force: bool,
+                dist: Dist) -> tuple[Stage, str]:
+    """The stage ``fuse-<name>`` and its config hash (settings, model, encode); --force also wipes its decode."""
     out = store.root / cfg.name
     stage = f"fuse-{cfg.name}"
-    enc = store.stage("encode")
     settings = hashed_settings(cfg, exclude=("device", "batch_size"))
     config_hash = stable_hash({"fuse": settings, "model_sha256": model_sha, "encode": enc["config_hash"], "inputs": enc["inputs_hash"]})
     st = Stage.open(store, stage, config_hash, what=f"synthetic set '{cfg.name}'", force=force, dist=dist,
                     wipe=[out, store.stage_path(f"decode-{cfg.name}"), Stage.marker_dir(store, f"decode-{cfg.name}")],
                     inputs={"encode": enc["config_hash"], cfg.model: model_sha},
                     extra={"model": cfg.model, "generation": gen, "model_sha256": model_sha, "latent_set": True})
-    if st.done:
-        log.info(f"fuse already done for '{cfg.name}' ({st.record['n_synthetic']} samples); skipping (`{st.redo}` redoes it).")
-        return st.record
-    if dist.is_main:
-        store.write_config(stage, asdict(cfg))
+    return st, config_hash
 
-    table, maps, sal_folder = run_saliency(store, cfg, model, gen, model_sha, progress)
-    groups = samples[cfg.neighbours_within].astype(str) if cfg.neighbours_within else None
-    neigh = run_neighbours(table, maps, sal_folder, cfg, labels, groups, write=dist.is_main)
+
+def _plan_samples(table: pd.DataFrame, labels: list[str], counts: dict[str, int], cfg: FuseConfig) -> list:
+    """The samples to make, (label, tail row, neighbour rank, repeat, slot, candidate) each, from the tail maps."""
     tail_rows: dict[str, list[int]] = {}
     for r in table[table["role"] == "tail"].itertuples():
         tail_rows.setdefault(labels[r.target], []).append(int(r.row_id))
     items = plan(tail_rows, counts, cfg.neighbours, cfg.candidates)
     if not items:
         raise TailfuseError("nothing to make: the requested counts are 0 for every tail label.")
-    nb = {(int(r.tail_row), int(r.rank)): r for r in neigh.itertuples()}
-    n_neigh = neigh.groupby("tail_row")["rank"].max().add(1).to_dict()  # fewer in a small --neighbours-within group
-    st.update(n_planned=len(items))
-    shards = store.latents()
-    bs = batch_for(cfg.batch_size, shards.shape)
+    return items
+
+
+def _fuse_shards(ctx: _FuseContext, st: Stage, items: list, out: Path, progress: bool, dist: Dist) -> list[str]:
+    """Fuse the planned samples shard by shard (this process's shards); returns every shard's file name."""
+    cfg = ctx.cfg
+    bs = batch_for(cfg.batch_size, ctx.shards.shape)
     n_shards = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     files = [f"latents/{si:05d}.safetensors" for si in range(n_shards)]
     done = sum(int(v["n"]) for v in st.shards().values())
     bar = tqdm(total=len(items), initial=done, desc=f"fuse {cfg.name}", unit="sample",
                disable=not progress or not dist.is_main, file=sys.stderr)
-    sal_hash = store.stage(f"saliency-{sal_folder.name}")["config_hash"]
     try:
         for si in st.todo(list(range(n_shards))):
             lo = si * cfg.shard_size
@@ -344,58 +392,10 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
             lats, masks, prov = [], [], []
             for b in range(0, len(chunk), bs):
                 part = chunk[b : b + bs]
-                ids = np.arange(lo + b, lo + b + len(part))
-                nrows = [nb[(row, rank % n_neigh[row])] for _, row, rank, *_ in part]
-                t_ids = [int(n.tail_sample_id) for n in nrows]
-                h_ids = [int(n.head_sample_id) for n in nrows]
-                z_t, z_h = shards.get(t_ids).to(device), shards.get(h_ids).to(device)
-                s_t = _normalise(maps.get([int(n.tail_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
-                s_h = _normalise(maps.get([int(n.head_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
-                q1s, q2s, takes, ts, gs = [], [], [], [], []
-                for j, sid in enumerate(ids):
-                    g = sample_generator(cfg.seed, int(sid))
-                    q1, q2 = draw_thresholds(1, cfg.q_spread, g)
-                    mk = fusion_masks(s_t[j : j + 1], s_h[j : j + 1], q1, q2, cfg.fill_prob, g)
-                    q1s.append(float(q1)), q2s.append(float(q2))
-                    takes.append(mk["take_tail"]), ts.append(mk["T"]), gs.append(mk["G"])
-                take = torch.cat(takes)
-                fused = fuse_latents(model, z_t, z_h, take.to(device), cfg.code, cfg.detail, cfg.feather).cpu()
+                fused, take, rows = _fuse_batch(ctx, part, lo + b)
                 lats.append(fused)
                 masks.append(take.to(torch.uint8))
-                share = take.float().mean((1, 2)).numpy()
-                t_share = torch.cat(ts).float().mean((1, 2)).numpy()
-                g_share = torch.cat(gs).float().mean((1, 2)).numpy()
-                head_specific = ~torch.cat(gs)  # the head map's salient region (S_h >= q2)
-                kept = ((~take & head_specific).float().sum((1, 2)) / head_specific.float().sum((1, 2)).clamp_min(1)).numpy()
-                for j, ((lab, row, rank, rep, slot, cand), n) in enumerate(zip(part, nrows)):
-                    y_t = samples.loc[t_ids[j], labels].to_numpy(dtype=np.int64)
-                    y_h = samples.loc[h_ids[j], labels].to_numpy(dtype=np.int64)
-                    if not multi:
-                        y = np.zeros(len(labels), dtype=np.int64)
-                        y[labels.index(lab)] = 1
-                    elif cfg.labels_policy == "union" or (cfg.labels_policy == "kept" and kept[j] >= 0.5):
-                        y = np.maximum(y_t, y_h)
-                    else:
-                        y = y_t
-                    soft = {}
-                    if cfg.soft_labels:
-                        y_s = soft_targets(y if not multi else y_t, y_h, float(share[j]), float(kept[j]), multi,
-                                           labels.index(lab))
-                        soft = {f"soft_{l}": round(float(v), 6) for l, v in zip(labels, y_s)}
-                    prov.append({
-                        "synth_id": int(ids[j]), **{l: int(v) for l, v in zip(labels, y)}, **soft,
-                        "tail_label": lab, "slot": int(slot), "candidate": int(cand),
-                        "tail_sample_id": t_ids[j], "head_sample_id": h_ids[j],
-                        "tail_path": samples.loc[t_ids[j], "path"], "head_path": samples.loc[h_ids[j], "path"],
-                        "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
-                        **({"within_group": bool(n.within_group)} if cfg.neighbours_within else {}),
-                        "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
-                        "detail": cfg.detail, "feather": cfg.feather, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
-                        "head_generic_share": float(g_share[j]), "head_specific_kept": float(kept[j]), "code": cfg.code, "cam": cfg.cam,
-                        "saliency_norm": cfg.saliency_norm, "model": cfg.model, "generation": gen,
-                        "model_sha256": model_sha, "encode_hash": enc["config_hash"], "saliency_hash": sal_hash,
-                        "fuse_hash": config_hash,
-                    })
+                prov += rows
                 dist.advance(bar, len(part))
             save_tensors_atomic(out / files[si], {"latents": torch.cat(lats).float(), "mask": torch.cat(masks),
                                                   "synth_id": torch.tensor([p["synth_id"] for p in prov], dtype=torch.int64)})
@@ -403,8 +403,80 @@ def run_fuse(run: str, cfg: FuseConfig, force: bool = False, progress: bool = Tr
             st.finish_shard(si, {"file": files[si], "n": len(prov)})
     finally:
         bar.close()
-    dist.barrier()
-    parts = [pd.read_csv(out / "parts" / f"{si:05d}.csv") for si in range(n_shards)]
+    return files
+
+
+def _fuse_batch(ctx: _FuseContext, part: list, start: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Fuse one batch of planned samples: (fused latents, masks with True = tail, a provenance row per sample)."""
+    cfg, labels = ctx.cfg, ctx.labels
+    ids = np.arange(start, start + len(part))
+    nrows = [ctx.nb[(row, rank % ctx.n_neigh[row])] for _, row, rank, *_ in part]
+    t_ids = [int(n.tail_sample_id) for n in nrows]
+    h_ids = [int(n.head_sample_id) for n in nrows]
+    z_t, z_h = ctx.shards.get(t_ids).to(ctx.device), ctx.shards.get(h_ids).to(ctx.device)
+    s_t = _normalise(ctx.maps.get([int(n.tail_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
+    s_h = _normalise(ctx.maps.get([int(n.head_row) for n in nrows]), cfg.saliency_norm, cfg.saliency_smooth)
+    q1s, q2s, take, ts, gs = _draw_masks(cfg, ids, s_t, s_h)
+    fused = fuse_latents(ctx.model, z_t, z_h, take.to(ctx.device), cfg.code, cfg.detail, cfg.feather).cpu()
+    share = take.float().mean((1, 2)).numpy()
+    t_share = torch.cat(ts).float().mean((1, 2)).numpy()
+    g_share = torch.cat(gs).float().mean((1, 2)).numpy()
+    head_specific = ~torch.cat(gs)  # the head map's salient region (S_h >= q2)
+    kept = ((~take & head_specific).float().sum((1, 2)) / head_specific.float().sum((1, 2)).clamp_min(1)).numpy()
+    prov = []
+    for j, ((lab, row, rank, rep, slot, cand), n) in enumerate(zip(part, nrows)):
+        y, soft = _targets(ctx, lab, t_ids[j], h_ids[j], share[j], kept[j])
+        prov.append({
+            "synth_id": int(ids[j]), **{l: int(v) for l, v in zip(labels, y)}, **soft,
+            "tail_label": lab, "slot": int(slot), "candidate": int(cand),
+            "tail_sample_id": t_ids[j], "head_sample_id": h_ids[j],
+            "tail_path": ctx.samples.loc[t_ids[j], "path"], "head_path": ctx.samples.loc[h_ids[j], "path"],
+            "neighbour_rank": int(n.rank), "map_distance": float(n.distance), "repeat": int(rep),
+            **({"within_group": bool(n.within_group)} if cfg.neighbours_within else {}),
+            "q1": q1s[j], "q2": q2s[j], "fill_prob": cfg.fill_prob, "seed": cfg.seed,
+            "detail": cfg.detail, "feather": cfg.feather, "tail_share": float(share[j]), "tail_specific_share": float(t_share[j]),
+            "head_generic_share": float(g_share[j]), "head_specific_kept": float(kept[j]), "code": cfg.code, "cam": cfg.cam,
+            "saliency_norm": cfg.saliency_norm, "model": cfg.model, "generation": ctx.gen,
+            "model_sha256": ctx.model_sha, "encode_hash": ctx.encode_hash, "saliency_hash": ctx.saliency_hash,
+            "fuse_hash": ctx.fuse_hash,
+        })
+    return fused, take, prov
+
+
+def _draw_masks(cfg: FuseConfig, ids: np.ndarray, s_t: torch.Tensor, s_h: torch.Tensor) -> tuple:
+    """Each sample's thresholds and fusion mask, from its own generator: (q1s, q2s, take_tail, T's, G's)."""
+    q1s, q2s, takes, ts, gs = [], [], [], [], []
+    for j, sid in enumerate(ids):
+        g = sample_generator(cfg.seed, int(sid))
+        q1, q2 = draw_thresholds(1, cfg.q_spread, g)
+        mk = fusion_masks(s_t[j : j + 1], s_h[j : j + 1], q1, q2, cfg.fill_prob, g)
+        q1s.append(float(q1)), q2s.append(float(q2))
+        takes.append(mk["take_tail"]), ts.append(mk["T"]), gs.append(mk["G"])
+    return q1s, q2s, torch.cat(takes), ts, gs
+
+
+def _targets(ctx: _FuseContext, lab: str, t_id: int, h_id: int, share, kept) -> tuple[np.ndarray, dict]:
+    """A fused sample's 0/1 labels (by the label policy) and its soft_<label> targets ({} without soft labels)."""
+    cfg, labels, multi = ctx.cfg, ctx.labels, ctx.multi
+    y_t = ctx.samples.loc[t_id, labels].to_numpy(dtype=np.int64)
+    y_h = ctx.samples.loc[h_id, labels].to_numpy(dtype=np.int64)
+    if not multi:
+        y = np.zeros(len(labels), dtype=np.int64)
+        y[labels.index(lab)] = 1
+    elif cfg.labels_policy == "union" or (cfg.labels_policy == "kept" and kept >= 0.5):
+        y = np.maximum(y_t, y_h)
+    else:
+        y = y_t
+    soft = {}
+    if cfg.soft_labels:
+        y_s = soft_targets(y if not multi else y_t, y_h, float(share), float(kept), multi, labels.index(lab))
+        soft = {f"soft_{l}": round(float(v), 6) for l, v in zip(labels, y_s)}
+    return y, soft
+
+
+def _finish(st: Stage, out: Path, files: list[str], tail: list[str], sal_folder: Path, dist: Dist) -> dict:
+    """samples.csv of all shards (main process) and the stage's record."""
+    parts = [pd.read_csv(out / "parts" / f"{si:05d}.csv") for si in range(len(files))]
     allrows = pd.concat(parts, ignore_index=True)
     if dist.is_main:
         write_csv_atomic(out / "samples.csv", allrows)

@@ -121,7 +121,10 @@ def _md_tables(md: str) -> str:
 
 
 def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress: bool = True) -> dict:
+    """Write the review page of the decoded set ``name`` to ``<run>/<name>/report/``; returns its index.html, the
+    number of images and the set's id."""
     t0 = time.time()
+    # 1. check the inputs: the run, the set and its manifest
     if per_page < 1:
         raise TailfuseError("--per-page must be at least 1.")
     store = RunStore(run)
@@ -137,12 +140,43 @@ def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress:
     thumbs = folder / "thumbs"
     for sub in ("src", "maps", "masks"):
         (thumbs / sub).mkdir(parents=True, exist_ok=True)
+    # 2. the images' scores; thumbnails of the source images, saliency maps and fusion masks
     sc = _scores(store, name, table, progress).set_index("synth_id")
     samples = store.samples().set_index("sample_id")
+    fused = {"tail_sample_id", "head_sample_id"} <= set(table.columns)
+    _source_thumbnails(store, info, table, samples, thumbs, fused, progress)
+    sal = _saliency_folder(store, ls) if fused else None
+    map_row = _map_thumbnails(store, sal, table, labels, thumbs) if sal is not None else {}
+    masks_ok = fused and ls.has_masks
+    if masks_ok:
+        _mask_thumbnails(ls, table, thumbs)
+    # 3. the overview: counts before and after, the evaluation
+    before, added, evaluation = _overview(store, name, info, labels, tail, folder)
+    # 4. the gallery, and the page's data and files
+    items = _gallery_items(table, sc, samples, labels, map_row, fused, masks_ok, load_decisions(store, name))
+    cfg = store.config()
+    settings = {k: v for k, v in cfg.items() if k.endswith(name) or k in ("data", "vae", "train")}
+    enc = store.stage("encode")
+    data = {
+        "set": name, "set_id": sid, "run": str(store.root.resolve()), "generated_at": time.strftime("%Y-%m-%d %H:%M"),
+        "dataset": info.get("source_path"), "labels": labels, "head": info["head_labels"], "tail": tail,
+        "multi_label": bool(info["multi_label"]), "counts_before": before, "added": added, "per_page": per_page,
+        "settings": settings, "hashes": {"vae": enc["vae"].get("weights_sha256"), "vae_name": enc["vae"].get("name"),
+                                         "model": ls.record.get("model_sha256") or ls.record.get("refiner_sha256")},
+        "evaluation": evaluation, "items": items, "kind": ls.kind,
+    }
+    write_text_atomic(folder / "data.js", "window.TAILFUSE_DATA = " + json.dumps(data, default=str) + ";\n")
+    for f in STATIC:
+        write_text_atomic(folder / f, (resources.files("tailfuse.report") / f).read_text())
+    log.info(f"report of '{name}' ({len(items)} images) written to {folder / 'index.html'} in {time.time() - t0:.0f} s")
+    return {"index": str(folder / "index.html"), "n_items": len(items), "set_id": sid}
+
+
+def _source_thumbnails(store: RunStore, info: dict, table: pd.DataFrame, samples: pd.DataFrame, thumbs: Path,
+                       fused: bool, progress: bool) -> None:
+    """thumbs/src/<sample_id>.png of every tail and head source (fused sets), at the run's size; kept when there."""
     size = int(info.get("image_size") or 128)
     resize = (store.config().get("data") or {}).get("resize", "center-crop")
-    fused = {"tail_sample_id", "head_sample_id"} <= set(table.columns)
-    # real source thumbnails
     src_ids = sorted(set(table["tail_sample_id"].astype(int)) | set(table["head_sample_id"].astype(int))) if fused else []
     from ..images import load_image
 
@@ -151,39 +185,43 @@ def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress:
         if not p.is_file():
             a = load_image(samples.loc[i, "abs_path"], size, resize)
             _png((a.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8), p)
-    # saliency maps and fusion masks
-    map_row = {}
-    sal = _saliency_folder(store, ls) if fused else None
-    if sal is not None:
-        from ..fusion.stage import saliency_maps
 
-        maps_csv, maps, _ = saliency_maps(store, sal.name)
-        for r in maps_csv.itertuples():
-            map_row[(int(r.sample_id), r.role, int(r.target))] = int(r.row_id)
-        need = set()
-        for r in table.itertuples():
-            need.add(map_row.get((int(r.tail_sample_id), "tail", labels.index(r.tail_label))))
-            hm = [v for (s, role, _), v in map_row.items() if s == int(r.head_sample_id) and role == "head"]
-            need.update(hm[:1])
-        need.discard(None)
-        todo = [i for i in sorted(need) if not (thumbs / "maps" / f"{i}.png").is_file()]
-        for a in range(0, len(todo), 256):
-            part = todo[a : a + 256]
-            for rid, m in zip(part, maps.get(part)):
-                _png(_colour(m.numpy()), thumbs / "maps" / f"{rid}.png")
-    head_map = {}
-    for (s, role, _), v in map_row.items():
-        if role == "head":
-            head_map.setdefault(s, v)
-    masks_ok = fused and ls.has_masks
-    if masks_ok:
-        shards = ls.shards
-        todo = [int(i) for i in table["synth_id"] if not (thumbs / "masks" / f"{int(i)}.png").is_file()]
-        for a in range(0, len(todo), 512):
-            part = todo[a : a + 512]
-            for i, m in zip(part, shards.get(part, key="mask")):
-                _png((m.numpy().astype(np.uint8) * 255), thumbs / "masks" / f"{i}.png")
-    # overview: counts before and after, the evaluation
+
+def _map_thumbnails(store: RunStore, sal: Path, table: pd.DataFrame, labels: list[str], thumbs: Path) -> dict:
+    """thumbs/maps/<row_id>.png of the maps the gallery shows; returns (sample_id, role, target) -> map row."""
+    from ..fusion.stage import saliency_maps
+
+    map_row = {}
+    maps_csv, maps, _ = saliency_maps(store, sal.name)
+    for r in maps_csv.itertuples():
+        map_row[(int(r.sample_id), r.role, int(r.target))] = int(r.row_id)
+    need = set()
+    for r in table.itertuples():
+        need.add(map_row.get((int(r.tail_sample_id), "tail", labels.index(r.tail_label))))
+        hm = [v for (s, role, _), v in map_row.items() if s == int(r.head_sample_id) and role == "head"]
+        need.update(hm[:1])
+    need.discard(None)
+    todo = [i for i in sorted(need) if not (thumbs / "maps" / f"{i}.png").is_file()]
+    for a in range(0, len(todo), 256):
+        part = todo[a : a + 256]
+        for rid, m in zip(part, maps.get(part)):
+            _png(_colour(m.numpy()), thumbs / "maps" / f"{rid}.png")
+    return map_row
+
+
+def _mask_thumbnails(ls: LatentSet, table: pd.DataFrame, thumbs: Path) -> None:
+    """thumbs/masks/<synth_id>.png: each image's fusion mask (white: taken from the tail image)."""
+    shards = ls.shards
+    todo = [int(i) for i in table["synth_id"] if not (thumbs / "masks" / f"{int(i)}.png").is_file()]
+    for a in range(0, len(todo), 512):
+        part = todo[a : a + 512]
+        for i, m in zip(part, shards.get(part, key="mask")):
+            _png((m.numpy().astype(np.uint8) * 255), thumbs / "masks" / f"{i}.png")
+
+
+def _overview(store: RunStore, name: str, info: dict, labels: list[str], tail: list[str],
+              folder: Path) -> tuple[dict, dict, dict | None]:
+    """The counts plot and the evaluation's tables and plots: (train counts before, added, evaluation or None)."""
     (folder / "overview").mkdir(exist_ok=True)
     man = pd.read_csv(store.root / name / "manifest.csv")
     before = {lab: int(info["counts"][lab]["train"]) for lab in labels}
@@ -197,7 +235,16 @@ def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress:
             shutil.copy(p, folder / "overview" / p.name)
             plots.append(f"overview/{p.name}")
         evaluation = {"html": _md_tables(res.read_text()), "plots": plots}
-    decisions = load_decisions(store, name)
+    return before, added, evaluation
+
+
+def _gallery_items(table: pd.DataFrame, sc: pd.DataFrame, samples: pd.DataFrame, labels: list[str], map_row: dict,
+                   fused: bool, masks_ok: bool, decisions: pd.DataFrame) -> list[dict]:
+    """One entry per image for the page: scores, sources, maps, mask, refinement and any imported decision."""
+    head_map = {}
+    for (s, role, _), v in map_row.items():
+        if role == "head":
+            head_map.setdefault(s, v)
     dmap = {int(r.synth_id): r for r in decisions.itertuples()}
     items = []
     for r in table.itertuples():
@@ -223,22 +270,7 @@ def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress:
             d = dmap[i]
             item["imported"] = {"decision": d.decision, "reviewer": str(d.reviewer), "decided_at": str(d.decided_at)}
         items.append(item)
-    cfg = store.config()
-    settings = {k: v for k, v in cfg.items() if k.endswith(name) or k in ("data", "vae", "train")}
-    enc = store.stage("encode")
-    data = {
-        "set": name, "set_id": sid, "run": str(store.root.resolve()), "generated_at": time.strftime("%Y-%m-%d %H:%M"),
-        "dataset": info.get("source_path"), "labels": labels, "head": info["head_labels"], "tail": tail,
-        "multi_label": bool(info["multi_label"]), "counts_before": before, "added": added, "per_page": per_page,
-        "settings": settings, "hashes": {"vae": enc["vae"].get("weights_sha256"), "vae_name": enc["vae"].get("name"),
-                                         "model": ls.record.get("model_sha256") or ls.record.get("refiner_sha256")},
-        "evaluation": evaluation, "items": items, "kind": ls.kind,
-    }
-    write_text_atomic(folder / "data.js", "window.TAILFUSE_DATA = " + json.dumps(data, default=str) + ";\n")
-    for f in STATIC:
-        write_text_atomic(folder / f, (resources.files("tailfuse.report") / f).read_text())
-    log.info(f"report of '{name}' ({len(items)} images) written to {folder / 'index.html'} in {time.time() - t0:.0f} s")
-    return {"index": str(folder / "index.html"), "n_items": len(items), "set_id": sid}
+    return items
 
 
 def _counts_plot(labels, tail, before, added, path: Path) -> None:

@@ -1,0 +1,15 @@
+"""Argparse pieces shared by `tailfuse.cli` and the sub-commands defined elsewhere (evaluation.cli_args): both
+import them from here, so neither imports the other back."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_verbosity_args(p: argparse.ArgumentParser) -> None:
+    """-q / -v / --processes on a sub-command (absent from the namespace unless given: the top-level flags stand)."""
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages too")
+    p.add_argument("--processes", type=int, default=argparse.SUPPRESS,
+                   help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
