@@ -459,18 +459,20 @@ def test_multiclass_run_smote_and_cli(tmp_path):
     run = _tiny_run(tmp_path, multi_label=False, n=60)
     ap = argparse.ArgumentParser()
     add_evaluate_parser(ap.add_subparsers(dest="command"))
-    args = ap.parse_args(["evaluate", "--run", str(run), "--arms", "real,reweight,smote,tailfuse", "--seeds", "0,1",
+    args = ap.parse_args(["evaluate", "--run", str(run), "--arms", "real,reweight,smote,tailfuse,tailfuse[soft_labels=true]", "--seeds", "0,1",
                           "--per-class", "5", "--bootstrap", "20", "--no-quality", "--quiet"])
     assert cmd_evaluate(args) == 0
     res = json.loads((run / "eval" / "results.json").read_text())
     assert "--per-class 5" in res["command"] and "--no-quality" in res["command"]
-    for arm in ("real", "reweight", "smote", "tailfuse"):
+    for arm in ("real", "reweight", "smote", "tailfuse", "tailfuse[soft_labels=true]"):
         e = res["arms"][arm]
         assert e["balanced_accuracy"] is not None and e["map_tail"] is not None
     man = pd.read_csv(run / "eval" / "smote" / "manifest.csv")
     assert len(man) == 10 and man[["t1", "t2"]].sum().tolist() == [5, 5] and (man[["a", "b", "t1", "t2"]].sum(axis=1) == 1).all()
-    tf = res["arms"]["tailfuse"]["added_positives_per_label"]
-    # multi-class with soft labels (the default): each fused sample's unit of label mass is split between its tail
+    # hard labels by default: each fused sample carries its tail label whole
+    assert res["arms"]["tailfuse"]["added_positives_per_label"] == {"a": 0, "b": 0, "t1": 5, "t2": 5}
+    tf = res["arms"]["tailfuse[soft_labels=true]"]["added_positives_per_label"]
+    # multi-class with soft labels: each fused sample's unit of label mass is split between its tail
     # label (1 - h^0.8) and its head image's label (h^0.8), h the head image's share
     assert sum(tf.values()) == pytest.approx(10, abs=0.05) and 0 < tf["t1"] < 5 and 0 < tf["t2"] < 5 and tf["a"] + tf["b"] > 0
     assert res["quality"] is None

@@ -220,11 +220,10 @@ def test_provenance_complete_and_consistent(tmp_path, trained):
         assert 0 < r.q1 < 1 and 0 < r.q2 < 1 and 0 <= r.tail_share <= 1
         assert len(r.model_sha256) == 64 and r.cam == "gradcam"
     man = pd.read_csv(run / "synthetic" / "manifest.csv")
-    soft = [f"soft_{lab}" for lab in labels]  # soft labels are on by default; the 0/1 columns stay
-    # the input's metadata column 'site' too, valued as each image's tail source
-    assert list(man.columns) == ["path", "split", *labels, "site", *soft] and (man["split"] == "synthetic").all()
+    # hard labels by default (no soft_<label> columns); the input's metadata column 'site' too, valued as each image's
+    # tail source
+    assert list(man.columns) == ["path", "split", *labels, "site"] and (man["split"] == "synthetic").all()
     assert man["site"].tolist() == [samples.loc[i, "site"] for i in syn["tail_sample_id"]]
-    assert ((man[soft] >= 0) & (man[soft] <= 1)).all().all() and (man[soft].to_numpy() <= man[labels].to_numpy()).all()
     assert all((run / "synthetic" / p).is_file() for p in man["path"])
     prov = [json.loads(x) for x in (run / "synthetic" / "provenance.jsonl").read_text().splitlines()]
     assert all(p["pixel_detail"] for p in prov)  # on by default for a fused set

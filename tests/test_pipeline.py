@@ -30,7 +30,7 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
     manifest = subset_manifest(src, tmp_path / "in" / "m.csv", per_label=8, splits=("train", "val"))
     conf = tmp_path / "run.yaml"
     conf.write_text(yaml.safe_dump({"train": {"generations": 2, "epochs": 1, "imitation_epochs": 1},
-                                    "fuse": {"per_class": PER_CLASS}}))
+                                    "fuse": {"per_class": PER_CLASS, "soft_labels": True}}))  # off by default
     run = tmp_path / "run"
     argv = ["run", "--data", str(manifest), "--vae", str(taesd_path), "--run", str(run), "--config", str(conf), "--quiet"]
     assert main(argv) == 0
@@ -44,8 +44,8 @@ def test_run_end_to_end_on_a_real_subset(tmp_path, dataset, isic_dir, covid_dir,
     samples = store.samples().set_index("sample_id")
     syn = run / "synthetic"
     man = pd.read_csv(syn / "manifest.csv")
-    # the input's layout: its path column, split 'synthetic', one 0/1 column per label, then the soft targets (on
-    # by default): multi-class, a unit of label mass split between the tail label and the head image's label
+    # the input's layout: its path column, split 'synthetic', one 0/1 column per label, then the soft targets (asked
+    # for in run.yaml above): multi-class, a unit of label mass split between the tail label and the head image's label
     soft = [f"soft_{lab}" for lab in labels]
     # and the input's other columns (ISIC: isic_id; COVID: patient_id, view, license), valued as the tail source
     meta = [c for c in pd.read_csv(manifest).columns if c not in ("path", "split", *labels)]

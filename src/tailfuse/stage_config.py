@@ -151,14 +151,14 @@ class FuseConfig:
     # soft targets (columns soft_<label> in samples.csv and the manifest): multi-class, the tail label gets
     # 1 - h^0.8 and the head image's label h^0.8, h = the head image's share of the fused sample (Diff-Mix's split);
     # multi-label, the tail image's labels 1 and the head image's other labels the kept share of its salient region.
-    # On by default: in the 5-fold ISIC2018-LT evaluation (benchmarks/results/evaluate-isic2018_lt-5fold.md) soft
-    # targets raised the tail mAP of pixel-detail fusion by 0.030 (-0.062 -> -0.032 against real-only) and kept it
-    # from falling at 5x the budget (-0.029 instead of -0.127); on a second draw of the fused sets +0.019
-    # [-0.012, +0.060] (evaluate-isic2018_lt-5fold-composite.md): the same sign, an interval that includes zero.
-    # With pixel detail, against the former defaults (hard labels, no pixel detail): COVID CXR 3-fold +0.005
-    # [-0.008, +0.019], ELPV +0.041 [-0.028, +0.095], COVID CXR single split -0.011 [-0.034, +0.001].
-    # The hard 0/1 columns stay in the manifest
-    soft_labels: bool = True
+    # Off by default (issue 27): they raised the tail mAP of a linear probe on frozen features (5-fold ISIC2018-LT,
+    # pixel-detail fusion: -0.062 -> -0.032 against real-only, evaluate-isic2018_lt-5fold.md), but a fused image
+    # then carries only part of its tail label, which undoes part of the re-balancing: balanced accuracy fell under
+    # every protocol measured: linear 5-fold 0.435-0.442 -> 0.399; partial fine-tune, plain loss 0.515 -> 0.422 and
+    # tail recall 0.524 -> 0.320 (evaluate-isic2018_lt-partial-labels.md); partial fine-tune, class-weighted loss
+    # 0.556 -> 0.492, tail mAP 0.501 -> 0.489 too (evaluate-isic2018_lt-partial-weighted.md; one split, 2 seeds).
+    # The hard 0/1 columns are always in the manifest
+    soft_labels: bool = False
     seed: int = 0
     batch_size: int = 256
     shard_size: int = 1024
