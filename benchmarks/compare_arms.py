@@ -56,7 +56,8 @@ def pairs_markdown(rows: list[dict], quality: dict | None = None) -> str:
 
     name = METRIC_NAMES[rows[0].get("metric", "map_tail")] if rows else "tail mAP"
     lines = [f"## Pairwise differences: {name}", "",
-             f"{name[0].upper() + name[1:]} of arm A minus arm B, paired bootstrap over test images (seed-averaged), 95 % interval; "
+             f"{name[0].upper() + name[1:]} of arm A minus arm B, paired bootstrap over test images (seed-averaged), "
+             "95 % interval; "
              "FID / separability AUC of each arm's tail images where measured.", "",
              f"| A | B | Δ {name} | 95 % interval | share of resamples A better | A: FID / sep. | B: FID / sep. |",
              "|---|---|---|---|---|---|---|"]

@@ -15,6 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from compare_arms import METRIC_NAMES  # noqa: E402  (benchmarks/, beside this script)
+
 
 def rows(res: dict, control: str, metric: str) -> list[tuple[str, float, float, float]]:
     """(arm, mean, low, high) of every arm against ``control`` in ``metric`` (``map_tail`` or a decision metric)."""
@@ -36,7 +40,6 @@ def main() -> int:
     a = ap.parse_args()
     res = json.loads(a.results.read_text())
     decision = "macro_f1" if res["dataset"]["multi_label"] else "balanced_accuracy"
-    names = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "map_tail": "tail mAP"}
     panels = [(m, rows(res, a.control, m)) for m in (decision, "map_tail")]
     if not any(r for _, r in panels):
         raise SystemExit(f"{a.results}: no arm has differences to '{a.control}' (bootstrap 0, or the control missing)")
@@ -57,7 +60,7 @@ def main() -> int:
             colour = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:grey"
             ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt="o", color=colour, capsize=3)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_xlabel(f"Δ {names[metric]} vs {a.control} (95 % interval)")
+        ax.set_xlabel(f"Δ {METRIC_NAMES[metric]} vs {a.control} (95 % interval)")
         ax.grid(axis="x", alpha=0.3)
         ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     axes[0].set_yticks(range(len(arms)))

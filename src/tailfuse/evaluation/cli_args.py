@@ -6,7 +6,7 @@ import argparse
 import shlex
 
 from ..cli_common import add_verbosity_args
-from .config import ARMS, CLASSIFIERS, OPTIONAL_ARMS, EvaluateConfig
+from .config import ARMS, CLASSIFIERS, LOSSES, OPTIONAL_ARMS, EvaluateConfig
 
 
 def _csv(s: str) -> list[str]:
@@ -68,7 +68,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="partial / finetune / cnn: batch size (default 64)")
     g.add_argument("--trainable-blocks", type=int, help="partial: the last MBConv blocks of EfficientNet-Lite0 trained (default 3 of 16)")
     g.add_argument("--pool", type=int, help="image arms: each epoch draws the budget afresh from a set of this many times the budget (default 1: the same images every epoch); oversample then redraws its duplicates each epoch")
-    g.add_argument("--loss", choices=["ce", "weighted"], help="every arm's training loss: ce (default) or weighted, class-weighted by the class counts of the arm's own training set (real plus added; the re-balancing a user adds on top of augmentation; then 'real' is the re-weighted baseline, and the arms reweight and drw are refused)")
+    g.add_argument("--loss", choices=list(LOSSES), help="every arm's training loss: ce (default) or weighted, class-weighted by the class counts of the arm's own training set (real plus added; the re-balancing a user adds on top of augmentation; then 'real' is the re-weighted baseline, and the arms reweight and drw are refused)")
     g.add_argument("--folds", type=int, help="K-fold evaluation of the whole pipeline: every image a test image once; the sparse model, fusion and decoding of each fold see only its training part")
     g.add_argument("--fold-val-fraction", type=float, help="with --folds: share of each fold's training part kept for validation (default 0.1)")
     g = p.add_argument_group("augmentation budget (the same for every augmentation arm)")
