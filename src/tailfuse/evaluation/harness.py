@@ -60,7 +60,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -199,11 +199,24 @@ class _Pool:
         return np.asarray(rows, dtype=np.int64)
 
 
-def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool = False,
-                   progress: bool = True) -> dict:
-    """Every arm x budget x seed on the run's own train / val / test split. Returns the raw results (test
-    predictions per arm, budget and seed, and what they rest on) that ``summarise`` turns into tables."""
-    t_start = time.time()
+@dataclass
+class _Split:
+    """The run's labels and its train / val / test rows, as ``evaluate_split`` reads them once."""
+
+    labels: list[str]
+    head: list[str]
+    tail: list[str]
+    multi: bool
+    image_size: int
+    resize: str
+    rows: dict[str, pd.DataFrame]  # train / val / test rows of samples.csv
+    y: dict[str, np.ndarray]  # their label matrices
+    train_counts: dict[str, int]
+    path_col: str
+
+
+def _read_split(store: RunStore) -> _Split:
+    """Step 1: the run's labels and splits; refuse a run that cannot be evaluated."""
     info = store.labels()
     labels, head, tail, multi = info["labels"], info["head_labels"], info["tail_labels"], bool(info["multi_label"])
     image_size = int(info.get("image_size") or (store.config().get("data") or {}).get("image_size") or 128)
@@ -216,23 +229,15 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
                                 "splits (give the manifest a split column with test rows, or use --folds).")
     if not tail:
         raise TailfuseError("the run has no tail labels; nothing to evaluate.")
-    eval_dir = store.root / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    store.write_config("evaluate", asdict(cfg))
-    enc = store.stage("encode")
-    y_tr = split["train"][labels].to_numpy(dtype=np.int64)
-    y_va = split["val"][labels].to_numpy(dtype=np.int64)
-    y_te = split["test"][labels].to_numpy(dtype=np.int64)
-    train_counts = {lab: int(split["train"][lab].sum()) for lab in labels}
-    buds = budgets(train_counts, head, tail, cfg)
-    n_max = {lab: max(b["per_label"][lab] for b in buds.values()) for lab in tail}
-    log.info(f"evaluate: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test images; "
-        f"budget: " + ", ".join(f"{lab} +{n}" for lab, n in buds[MAIN]["per_label"].items())
-        + f" ({buds[MAIN]['rule']})" + (f"; sweep {', '.join(k for k in buds if k != MAIN)}" if len(buds) > 1 else ""))
-    timings: dict[str, dict] = {s.name: {} for s in specs}
-    extra_seconds = {}
+    return _Split(labels, head, tail, multi, image_size, resize, split,
+                  {s: split[s][labels].to_numpy(dtype=np.int64) for s in split},
+                  {lab: int(split["train"][lab].sum()) for lab in labels}, info.get("path_column", "path"))
 
-    # --- synthetic image sets of the image arms (made once, at the largest budget)
+
+def _synthetic_sets(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], n_max: dict[str, int], progress: bool,
+                    force: bool, timings: dict, extra_seconds: dict) -> dict[str, dict]:
+    """Step 2: the models some arms need and the synthetic image sets of the image arms (made once, at the largest
+    budget, ``cfg.pool`` times it when each epoch draws afresh)."""
     if any(s.base == "tailfuse-no-imitation" or dict(s.fuse).get("model") == "train-no-imitation" for s in specs):
         from .arms import ensure_no_imitation_model
 
@@ -256,16 +261,28 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         log.info(f"evaluate: synthetic set of arm '{spec.name}'")
         arm_sets[spec.name] = make_image_arm(store, spec, pool_n, cfg, progress, force=force)
         timings[spec.name]["synthetic_set"] = round(time.time() - t, 2)
+    return arm_sets
 
-    # several processes: they made the synthetic sets together; the classifiers and figures are the main process's
-    dist = current(cfg.device)
-    if not dist.is_main:
-        dist.barrier()
-        return None
 
-    # --- the image pool and its features
+@dataclass
+class _Inputs:
+    """What the classifiers read: rows of one image pool (real splits, then every arm's set) and, per classifier,
+    the pool's features (linear, quality), frozen maps (partial) or images (finetune, cnn)."""
+
+    pool: _Pool
+    rows_real: dict[str, np.ndarray]
+    rows_arm: dict[str, np.ndarray]
+    feats: np.ndarray | None
+    images: torch.Tensor | None
+    features_seconds: float
+
+
+def _classifier_inputs(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], sp: _Split, arm_sets: dict,
+                       n_max: dict[str, int], progress: bool, timings: dict) -> _Inputs:
+    """Step 3: the image pool and what the classifier reads of it (feature-diffusion's generated features join the
+    pool here, and its entry in ``arm_sets``)."""
     pool = _Pool()
-    rows_real = {s: pool.add(split[s]["abs_path"].tolist()) for s in ("train", "val", "test")}
+    rows_real = {s: pool.add(sp.rows[s]["abs_path"].tolist()) for s in ("train", "val", "test")}
     rows_arm = {name: pool.add(st["paths"]) for name, st in arm_sets.items()}
     missing = [p for p in pool.paths if not os.path.isfile(p)]
     if missing:
@@ -277,16 +294,17 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         from .features import Backbone, image_features
 
         t = time.time()
-        feats = image_features(pool.paths, Backbone(cfg.device), features_dir(store), image_size,
-                               cfg.feature_batch_size, progress, resize=resize, desc="EfficientNet-Lite0 features")
+        feats = image_features(pool.paths, Backbone(cfg.device), features_dir(store), sp.image_size,
+                               cfg.feature_batch_size, progress, resize=sp.resize, desc="EfficientNet-Lite0 features")
         features_seconds = round(time.time() - t, 2)
         log.info(f"evaluate: features of {len(pool.paths)} images in {features_seconds:.1f} s (cached)")
         for spec in [s for s in specs if s.base == "feature-diffusion"]:  # generated features join the pool
             from .arms import feature_diffusion_set
 
             t = time.time()
-            fd = feature_diffusion_set(store, spec, n_max, cfg, feats[rows_real["train"]], y_tr.astype(np.float32),
-                                       feats[rows_real["val"]], y_va.astype(np.float32), progress)
+            fd = feature_diffusion_set(store, spec, n_max, cfg, feats[rows_real["train"]],
+                                       sp.y["train"].astype(np.float32), feats[rows_real["val"]],
+                                       sp.y["val"].astype(np.float32), progress)
             rows_arm[spec.name] = np.arange(len(feats), len(feats) + len(fd["features"]))
             feats = np.concatenate([feats, fd["features"]])
             arm_sets[spec.name] = {**fd, "folder": store.root / "eval" / spec.slug, "no_images": True}
@@ -298,9 +316,9 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         from .features import image_features
 
         t = time.time()
-        trunk = PartialMaps(cfg.trainable_blocks, image_size, cfg.device)
-        flat = image_features(pool.paths, trunk, features_dir(store), image_size, cfg.feature_batch_size, progress,
-                              resize=resize, desc="EfficientNet-Lite0 frozen maps")
+        trunk = PartialMaps(cfg.trainable_blocks, sp.image_size, cfg.device)
+        flat = image_features(pool.paths, trunk, features_dir(store), sp.image_size, cfg.feature_batch_size, progress,
+                              resize=sp.resize, desc="EfficientNet-Lite0 frozen maps")
         images = trunk.unflatten(flat).half()
         del flat
         features_seconds = round(features_seconds + time.time() - t, 2)
@@ -308,15 +326,19 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
     elif cfg.classifier != "linear":
         from ..images import load_image
 
-        images = torch.stack([(load_image(p, image_size, resize) * 255).round().to(torch.uint8)
+        images = torch.stack([(load_image(p, sp.image_size, sp.resize) * 255).round().to(torch.uint8)
                               for p in tqdm(pool.paths, desc="load images", disable=not progress, file=sys.stderr)])
+    return _Inputs(pool, rows_real, rows_arm, feats, images, features_seconds)
 
-    # --- per arm, budget and seed
+
+def _classifier_settings(cfg: EvaluateConfig, sp: _Split) -> tuple[dict, int | None, float | None, str]:
+    """Step 4: the classifier's settings as recorded (and hashed into every fit's cache key), its epochs and learning
+    rate (None for the linear one), and the val metric that selects the model."""
     epochs = None if cfg.classifier == "linear" else (cfg.epochs or DEFAULT_EPOCHS[cfg.classifier])
     lr = None if cfg.classifier == "linear" else (cfg.lr or DEFAULT_LR[cfg.classifier])
     clf_settings = {"classifier": cfg.classifier, "backbone": "efficientnet-lite0-imagenet" if cfg.classifier == "linear"
-                    else cfg.classifier, "image_size": image_size, "resize": resize}
-    select = select_metric(cfg, multi)
+                    else cfg.classifier, "image_size": sp.image_size, "resize": sp.resize}
+    select = select_metric(cfg, sp.multi)
     select_name = {"map": "val mAP", "balanced_accuracy": "val balanced accuracy"}[select]
     if cfg.classifier == "linear":
         clf_settings.update(model="logistic regression (scikit-learn, lbfgs, L2)", c_grid=list(cfg.c_grid),
@@ -330,27 +352,29 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
         clf_settings["pool"] = cfg.pool  # the keys only then: the tables made before keep their cache keys
     if cfg.loss != "ce":
         clf_settings["loss"] = cfg.loss
-    base_ident = {"clf": clf_settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"], "labels": labels,
-                  "tail": tail, "ids": {s: split[s]["sample_id"].tolist() for s in split}}
-    n_tr = len(split["train"])
-    a = rows_real["train"]
-    path_col = info.get("path_column", "path")
-    scores: dict[str, np.ndarray] = {}
-    val_scores: dict[str, np.ndarray] = {}
-    fit_info: dict[str, dict] = {}
-    train_summary: dict[str, dict] = {}
+    return clf_settings, epochs, lr, select
+
+
+def _fit_arms(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], sp: _Split, buds: dict, arm_sets: dict,
+              inp: _Inputs, base_ident: dict, epochs: int | None, lr: float | None, select: str, force: bool,
+              progress: bool, timings: dict) -> dict[str, dict]:
+    """Step 5: every arm x budget x seed: its training set, its fit (or the cached one), its val and test scores.
+    Returns ``scores``, ``val_scores``, ``fit_info`` (keyed ``arm|budget|seed``) and ``train_summary`` (``arm|budget``)."""
+    eval_dir = store.root / "eval"
+    y_tr, n_tr, a = sp.y["train"], len(sp.rows["train"]), inp.rows_real["train"]
+    out: dict[str, dict] = {"scores": {}, "val_scores": {}, "fit_info": {}, "train_summary": {}}
     jobs = [(spec, bkey) for spec in specs for bkey in ([MAIN] if spec.base in NO_BUDGET_ARMS else list(buds))]
     bar = tqdm(total=len(jobs) * len(cfg.seeds), desc="arms x budgets x seeds", disable=not progress, file=sys.stderr)
     try:
         for spec, bkey in jobs:
             t_arm = time.time()
             per_label = buds[bkey]["per_label"]
-            col_counts = {labels.index(lab): n for lab, n in per_label.items() if n > 0}
+            col_counts = {sp.labels.index(lab): n for lab, n in per_label.items() if n > 0}
             for seed in cfg.seeds:
                 ident = dict(base_ident, arm=spec.name, budget=per_label if spec.base not in NO_BUDGET_ARMS else None)
-                train_at, random_draws, extra = _train_sets(spec, bkey, seed, cfg, a, y_tr, multi, col_counts,
-                                                            per_label, arm_sets, rows_arm, split["train"], eval_dir,
-                                                            path_col, labels)
+                train_at, random_draws, extra = _train_sets(spec, bkey, seed, cfg, a, y_tr, sp.multi, col_counts,
+                                                            per_label, arm_sets, inp.rows_arm, sp.rows["train"],
+                                                            eval_dir, sp.path_col, sp.labels)
                 ident.update(extra)
                 ts = train_at(0)
                 # the linear classifier is deterministic: an arm without random draws gives one result for all seeds
@@ -358,67 +382,114 @@ def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], f
                 if not seed_free:
                     ident["seed"] = seed
                 key = f"{spec.name}|{bkey}|{seed}"
-                train_summary.setdefault(f"{spec.name}|{bkey}", _summary_of(ts, n_tr, labels))
-                weights = loss_weights(cfg.loss, spec.base, y_tr, ts.y, multi)
-                weights_from = int(DRW_FROM * epochs) if spec.base == "drw" else 0
+                out["train_summary"].setdefault(f"{spec.name}|{bkey}", _summary_of(ts, n_tr, sp.labels))
                 h = stable_hash(ident)[:16]
                 cache = eval_dir / "cache" / spec.slug / f"{bkey}-{'all' if seed_free else f'seed{seed}'}-{h}.npz"
-                if cache.is_file() and not force:
-                    with np.load(cache) as z:
-                        if "val_scores" in z.files:  # caches from before the decision metrics are redone
-                            scores[key], val_scores[key] = z["test_scores"], z["val_scores"]
-                            fit_info[key] = json.loads(str(z["info"]))
-                            bar.update(1)
-                            continue
-                t = time.time()
-                if cfg.classifier == "linear":
-                    p, fi = fit_linear(feats, ts, rows_real["val"], y_va, rows_real["test"], multi_label=multi,
-                                       weights=weights, c_grid=cfg.c_grid, select=select)
-                else:
-                    p, fi = _fit_torch(cfg, images, train_at, rows_real, y_va, multi, weights, seed, epochs, lr,
-                                       progress, f"{spec.name} {bkey} seed {seed}", select, weights_from)
-                fi["seconds"] = round(time.time() - t, 2)
-                fi["n_train_items"] = len(ts)
-                val_scores[key] = fi.pop("val_scores")
-                scores[key], fit_info[key] = p, fi
-                npz_save_atomic(cache, test_scores=p, val_scores=val_scores[key], info=np.array(json.dumps(fi)))
+                if not (cache.is_file() and not force and _load_fit(cache, key, out)):
+                    weights = loss_weights(cfg.loss, spec.base, y_tr, ts.y, sp.multi)
+                    weights_from = int(DRW_FROM * epochs) if spec.base == "drw" else 0
+                    t = time.time()
+                    if cfg.classifier == "linear":
+                        p, fi = fit_linear(inp.feats, ts, inp.rows_real["val"], sp.y["val"], inp.rows_real["test"],
+                                           multi_label=sp.multi, weights=weights, c_grid=cfg.c_grid, select=select)
+                    else:
+                        p, fi = _fit_torch(cfg, inp.images, train_at, inp.rows_real, sp.y["val"], sp.multi, weights,
+                                           seed, epochs, lr, progress, f"{spec.name} {bkey} seed {seed}", select,
+                                           weights_from)
+                    fi["seconds"] = round(time.time() - t, 2)
+                    fi["n_train_items"] = len(ts)
+                    out["val_scores"][key] = fi.pop("val_scores")
+                    out["scores"][key], out["fit_info"][key] = p, fi
+                    npz_save_atomic(cache, test_scores=p, val_scores=out["val_scores"][key],
+                                    info=np.array(json.dumps(fi)))
                 bar.update(1)
             timings[spec.name][f"classifier_{bkey}"] = round(time.time() - t_arm, 2)
     finally:
         bar.close()
+    return out
 
+
+def _load_fit(cache: Path, key: str, out: dict) -> bool:
+    """A cached fit into ``out``; False for a cache from before the decision metrics (it holds no val scores)."""
+    with np.load(cache) as z:
+        if "val_scores" not in z.files:
+            return False
+        out["scores"][key], out["val_scores"][key] = z["test_scores"], z["val_scores"]
+        out["fit_info"][key] = json.loads(str(z["info"]))
+    return True
+
+
+def _quality(store: RunStore, cfg: EvaluateConfig, sp: _Split, buds: dict, arm_sets: dict, inp: _Inputs,
+             progress: bool) -> dict:
+    """Step 6 (``--quality``): how close each image arm's tail images (its main-budget selection) are to real ones."""
+    from .quality_stage import run_quality
+
+    t = time.time()
+    main_sets = {}
+    for name, st in arm_sets.items():
+        if st.get("no_images"):
+            continue
+        sel = _first_per_label(st["tail_label"], buds[MAIN]["per_label"])
+        main_sets[name] = {**st, "paths": [st["paths"][i] for i in sel],
+                           "main_tail_label": [st["tail_label"][i] for i in sel]}
+    quality = run_quality(store, cfg, sp.tail, sp.rows, main_sets, inp.feats, inp.pool.where, sp.image_size,
+                          sp.resize, progress)
+    quality["seconds"] = round(time.time() - t, 2)
+    return quality
+
+
+def evaluate_split(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool = False,
+                   progress: bool = True) -> dict:
+    """Every arm x budget x seed on the run's own train / val / test split. Returns the raw results (test
+    predictions per arm, budget and seed, and what they rest on) that ``summarise`` turns into tables.
+
+    The steps: read the split (1), make the synthetic sets (2; every process of a multi-process run helps, the rest
+    is the main process's), the classifier's inputs (3) and settings (4), fit every arm (5), the decisions, and the
+    quality figures (6)."""
+    t_start = time.time()
+    sp = _read_split(store)
+    (store.root / "eval").mkdir(parents=True, exist_ok=True)
+    store.write_config("evaluate", asdict(cfg))
+    enc = store.stage("encode")
+    buds = budgets(sp.train_counts, sp.head, sp.tail, cfg)
+    n_max = {lab: max(b["per_label"][lab] for b in buds.values()) for lab in sp.tail}
+    log.info(f"evaluate: {len(sp.rows['train'])} train / {len(sp.rows['val'])} val / {len(sp.rows['test'])} test images; "
+        f"budget: " + ", ".join(f"{lab} +{n}" for lab, n in buds[MAIN]["per_label"].items())
+        + f" ({buds[MAIN]['rule']})" + (f"; sweep {', '.join(k for k in buds if k != MAIN)}" if len(buds) > 1 else ""))
+    timings: dict[str, dict] = {s.name: {} for s in specs}
+    extra_seconds: dict[str, float] = {}
+    arm_sets = _synthetic_sets(store, cfg, specs, n_max, progress, force, timings, extra_seconds)
+    dist = current(cfg.device)
+    if not dist.is_main:  # several processes made the synthetic sets together; the rest is the main process's
+        dist.barrier()
+        return None
+    inp = _classifier_inputs(store, cfg, specs, sp, arm_sets, n_max, progress, timings)
+    clf_settings, epochs, lr, select = _classifier_settings(cfg, sp)
+    base_ident = {"clf": clf_settings, "encode": enc["config_hash"], "inputs": enc["inputs_hash"], "labels": sp.labels,
+                  "tail": sp.tail, "ids": {s: sp.rows[s]["sample_id"].tolist() for s in sp.rows}}
+    fits = _fit_arms(store, cfg, specs, sp, buds, arm_sets, inp, base_ident, epochs, lr, select, force, progress,
+                     timings)
     # decisions: argmax (multi-class), or each label's val-F1 threshold of this split (multi-label)
-    decided = {k: M.decisions(v, multi, M.val_thresholds(y_va, val_scores[k]) if multi else None)
-               for k, v in scores.items()}
-    quality = None
-    if cfg.quality:
-        from .quality_stage import run_quality
-
-        t = time.time()
-        main_sets = {}
-        for name, st in arm_sets.items():
-            if st.get("no_images"):
-                continue
-            sel = _first_per_label(st["tail_label"], buds[MAIN]["per_label"])
-            main_sets[name] = {**st, "paths": [st["paths"][i] for i in sel],
-                               "main_tail_label": [st["tail_label"][i] for i in sel]}
-        quality = run_quality(store, cfg, tail, split, main_sets, feats, pool.where, image_size, resize, progress)
-        quality["seconds"] = round(time.time() - t, 2)
+    decided = {k: M.decisions(v, sp.multi, M.val_thresholds(sp.y["val"], fits["val_scores"][k]) if sp.multi else None)
+               for k, v in fits["scores"].items()}
+    quality = _quality(store, cfg, sp, buds, arm_sets, inp, progress) if cfg.quality else None
     dist.barrier()
+    y_va, y_te = sp.y["val"], sp.y["test"]
     return {
         "run": str(store.root.resolve()),
-        "meta": {"labels": labels, "head_labels": head, "tail_labels": tail, "multi_label": multi,
-                 "image_size": image_size, "resize": resize, "n": {s: int(len(split[s])) for s in split},
-                 "train_positives": train_counts,
-                 "val_positives": {lab: int(y_va[:, j].sum()) for j, lab in enumerate(labels)},
-                 "test_positives": {lab: int(y_te[:, j].sum()) for j, lab in enumerate(labels)}},
+        "meta": {"labels": sp.labels, "head_labels": sp.head, "tail_labels": sp.tail, "multi_label": sp.multi,
+                 "image_size": sp.image_size, "resize": sp.resize, "n": {s: int(len(sp.rows[s])) for s in sp.rows},
+                 "train_positives": sp.train_counts,
+                 "val_positives": {lab: int(y_va[:, j].sum()) for j, lab in enumerate(sp.labels)},
+                 "test_positives": {lab: int(y_te[:, j].sum()) for j, lab in enumerate(sp.labels)}},
         "budgets": buds, "classifier_settings": clf_settings, "epochs": epochs, "lr": lr,
-        "y_test": y_te, "test_ids": split["test"]["sample_id"].to_numpy(),
-        "scores": scores, "decisions": decided, "select": select, "fit_info": fit_info, "train_summary": train_summary,
+        "y_test": y_te, "test_ids": sp.rows["test"]["sample_id"].to_numpy(),
+        "scores": fits["scores"], "decisions": decided, "select": select, "fit_info": fits["fit_info"],
+        "train_summary": fits["train_summary"],
         "sets": {name: {"folder": str(st["folder"]), "soft_targets": st.get("soft", False), **st["made"]}
                  for name, st in arm_sets.items()},
         "quality": quality,
-        "timings": {"total_seconds": round(time.time() - t_start, 1), "features_seconds": features_seconds,
+        "timings": {"total_seconds": round(time.time() - t_start, 1), "features_seconds": inp.features_seconds,
                     "per_arm": timings, **({"extra": extra_seconds} if extra_seconds else {})},
     }
 

@@ -21,8 +21,30 @@ def _ci(d: dict | None) -> str:
     return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "–"
 
 
+DECISION_NAMES = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "tail_recall": "tail recall"}
+
+
 def results_markdown(r: dict) -> str:
-    ds, pr, arms = r["dataset"], r["protocol"], r["arms"]
+    """results.md: what was measured and how, then the tables (decisions first for a classifier that learns, the
+    mAP ranking, per-label AP, the budget sweep, image quality, selection) and the timings."""
+    arms = r["arms"]
+    decided = [m for m in DECISION_NAMES if any(m in e for e in arms.values())]
+    controls = [c for c in CONTROLS if c in arms]
+    lines = _md_protocol(r, decided)
+    if decided and r["protocol"]["classifier"] != "linear":  # a classifier that learns: lead with the decisions
+        lines += _md_decisions(arms, decided, controls) + ["", "## Ranking: mAP", ""]
+    lines += _md_ranking(arms, r["dataset"]["multi_label"], decided, controls)
+    lines += _md_per_label(r)
+    lines += _md_sweep(r.get("sweep") or {}, arms)
+    lines += _md_quality(r.get("quality"), bool(r.get("folds")))
+    lines += _md_selection(arms)
+    lines += _md_timings(r)
+    return "\n".join(lines) + "\n"
+
+
+def _md_protocol(r: dict, decided: list[str]) -> list[str]:
+    """The title, the command, and a paragraph on the data, classifier, loss, decisions, budget and intervals."""
+    ds, pr = r["dataset"], r["protocol"]
     multi = ds["multi_label"]
     seeds = pr["seeds"]
     cs = pr["classifier_settings"]
@@ -58,7 +80,6 @@ def results_markdown(r: dict) -> str:
     if cs.get("loss") == "weighted":
         lines.append("Loss: class-weighted for every arm, the weights from the class counts of the arm's own training "
                      "set (real plus added); `real` is therefore the re-weighted baseline.")
-    decided = [m for m in ("balanced_accuracy", "macro_f1", "tail_recall") if any(m in e for e in arms.values())]
     if decided:
         lines.append("Decisions: " + ("the argmax class" if not multi else "each label's score against the threshold "
                      "that maximised its F1 on val (chosen within each split or fold)") + "; balanced accuracy (mean "
@@ -71,27 +92,33 @@ def results_markdown(r: dict) -> str:
     if ds["labels_without_test_positives"]:
         lines.append(f"Labels without a test positive (left out of every mAP): {', '.join(ds['labels_without_test_positives'])}.")
     lines.append("")
-    controls = [c for c in CONTROLS if c in arms]
-    names = {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1", "tail_recall": "tail recall"}
-    if decided and pr["classifier"] != "linear":  # the tables of a classifier that learns lead with the decisions
-        lead = [m for m in decided if m != "tail_recall"][0]
-        lines += [f"## Decisions: {names[lead]}, macro-F1 and tail recall", "",
-                  "| arm | " + " | ".join(names[m] for m in decided) + " | "
-                  + " | ".join(f"Δ {names[lead]} vs {c}" for c in controls) + " | "
-                  + " | ".join(f"Δ tail recall vs {c}" for c in controls) + " |",
-                  "|" + "---|" * (1 + len(decided) + 2 * len(controls))]
-        for arm, e in arms.items():
-            lines.append(f"| {arm} | " + " | ".join(_ms(e, m) for m in decided) + " | "
-                         + " | ".join(_ci((e.get(f"delta_{lead}") or {}).get(c)) for c in controls) + " | "
-                         + " | ".join(_ci((e.get("delta_tail_recall") or {}).get(c)) for c in controls) + " |")
-        lines += ["", "## Ranking: mAP", ""]
+    return lines
+
+
+def _md_decisions(arms: dict, decided: list[str], controls: list[str]) -> list[str]:
+    """The decision metrics and their differences to each control (the lead metric's and tail recall's)."""
+    lead = [m for m in decided if m != "tail_recall"][0]
+    lines = [f"## Decisions: {DECISION_NAMES[lead]}, macro-F1 and tail recall", "",
+             "| arm | " + " | ".join(DECISION_NAMES[m] for m in decided) + " | "
+             + " | ".join(f"Δ {DECISION_NAMES[lead]} vs {c}" for c in controls) + " | "
+             + " | ".join(f"Δ tail recall vs {c}" for c in controls) + " |",
+             "|" + "---|" * (1 + len(decided) + 2 * len(controls))]
+    for arm, e in arms.items():
+        lines.append(f"| {arm} | " + " | ".join(_ms(e, m) for m in decided) + " | "
+                     + " | ".join(_ci((e.get(f"delta_{lead}") or {}).get(c)) for c in controls) + " | "
+                     + " | ".join(_ci((e.get("delta_tail_recall") or {}).get(c)) for c in controls) + " |")
+    return lines
+
+
+def _md_ranking(arms: dict, multi: bool, decided: list[str], controls: list[str]) -> list[str]:
+    """mAP (all, head, tail), tail mAP's differences to each control, AUROC and the decision metrics."""
     head = ["arm", "mAP all", "mAP head", "mAP tail"] + [f"Δ tail vs {c}" for c in controls] + ["AUROC"]
     if not multi:
         head += ["bal. acc."]
     if "macro_f1" in decided:
         head += ["macro-F1"]
     head += ["added"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, e in arms.items():
         row = [arm, _ms(e, "map_all"), _ms(e, "map_head"), _ms(e, "map_tail")]
         row += [_ci((e.get("delta_map_tail") or {}).get(c)) for c in controls]
@@ -102,50 +129,61 @@ def results_markdown(r: dict) -> str:
             row.append(_ms(e, "macro_f1"))
         row += [str(e["n_added"])]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Per-label AP (mean over seeds)", ""]
+    return lines
+
+
+def _md_per_label(r: dict) -> list[str]:
+    ds, arms = r["dataset"], r["arms"]
     labs = ds["labels"]
-    lines += ["| arm | " + " | ".join(f"{lab}{' (tail)' if lab in ds['tail_labels'] else ''}" for lab in labs) + " |",
-              "|" + "---|" * (len(labs) + 1)]
+    lines = ["", "## Per-label AP (mean over seeds)", "",
+             "| arm | " + " | ".join(f"{lab}{' (tail)' if lab in ds['tail_labels'] else ''}" for lab in labs) + " |",
+             "|" + "---|" * (len(labs) + 1)]
     for arm, e in arms.items():
         lines.append(f"| {arm} | " + " | ".join(_f(e["per_label_ap"][lab]) for lab in labs) + " |")
     lines.append("| test positives | " + " | ".join(str(ds["test_positives"][lab]) for lab in labs) + " |")
     lines.append("| train positives | " + " | ".join(str(ds["train_positives"][lab]) for lab in labs) + " |")
-    sweep = r.get("sweep") or {}
-    if sweep:
-        keys = list(next(iter(sweep.values())))
-        real_tail = arms.get("real", {}).get("map_tail")
-        lines += ["", "## Budget sweep: tail mAP by synthetic budget", "",
-                  "Each augmentation arm at multiples of each tail label's real train count"
-                  + (f"; real-only tail mAP {real_tail:.3f}" if real_tail is not None else "")
-                  + ". Cells: tail mAP (Δ vs real [95% CI]).", "",
-                  "| arm | " + " | ".join(f"{sweep[next(iter(sweep))][k]['multiple']:g}x" for k in keys) + " |",
-                  "|" + "---|" * (len(keys) + 1)]
-        for arm, rows in sweep.items():
-            lines.append(f"| {arm} | " + " | ".join(f"{_f(rows[k]['map_tail'])} ({_ci(rows[k].get('delta_vs_real'))})"
-                                                     for k in keys) + " |")
-        for c in ("oversample", "vae-roundtrip"):
-            if any(f"delta_vs_{c}" in rows[k] for rows in sweep.values() for k in keys):
-                lines += ["", f"Δ tail mAP vs {c} at the same budget:", "",
-                          "| arm | " + " | ".join(f"{sweep[next(iter(sweep))][k]['multiple']:g}x" for k in keys) + " |",
-                          "|" + "---|" * (len(keys) + 1)]
-                for arm, rows in sweep.items():
-                    if arm == c:
-                        continue
-                    lines.append(f"| {arm} | " + " | ".join(_ci(rows[k].get(f"delta_vs_{c}")) for k in keys) + " |")
-    q = r.get("quality")
+    return lines
+
+
+def _md_sweep(sweep: dict, arms: dict) -> list[str]:
+    """Tail mAP by synthetic budget, against real and (where present) oversample and vae-roundtrip."""
+    if not sweep:
+        return []
+    keys = list(next(iter(sweep.values())))
+    real_tail = arms.get("real", {}).get("map_tail")
+    columns = ["| arm | " + " | ".join(f"{sweep[next(iter(sweep))][k]['multiple']:g}x" for k in keys) + " |",
+               "|" + "---|" * (len(keys) + 1)]
+    lines = ["", "## Budget sweep: tail mAP by synthetic budget", "",
+             "Each augmentation arm at multiples of each tail label's real train count"
+             + (f"; real-only tail mAP {real_tail:.3f}" if real_tail is not None else "")
+             + ". Cells: tail mAP (Δ vs real [95% CI]).", "", *columns]
+    for arm, rows in sweep.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{_f(rows[k]['map_tail'])} ({_ci(rows[k].get('delta_vs_real'))})"
+                                                 for k in keys) + " |")
+    for c in ("oversample", "vae-roundtrip"):
+        if any(f"delta_vs_{c}" in rows[k] for rows in sweep.values() for k in keys):
+            lines += ["", f"Δ tail mAP vs {c} at the same budget:", "", *columns]
+            for arm, rows in sweep.items():
+                if arm == c:
+                    continue
+                lines.append(f"| {arm} | " + " | ".join(_ci(rows[k].get(f"delta_vs_{c}")) for k in keys) + " |")
+    return lines
+
+
+def _md_quality(q: dict | None, folds: bool) -> list[str]:
     if q and q.get("sets"):
-        lines += ["", "## Image quality of the tail images", "",
-                  f"Against {q['n_real_test']} {q['reference_set']}; {q['subsample']}. Lower FID / FD is closer; the "
-                  "floor (real train vs real test) is what real images of the same labels score. Precision / recall: "
-                  "k-NN manifolds (k = 3), Inception and EfficientNet-Lite0 (domain) features. Separability: AUC of a "
-                  "cross-validated logistic regression telling the set's images from the real tail training images "
-                  "on the frozen EfficientNet-Lite0 features (0.5 = indistinguishable; the floor row: real test images). "
-                  "Near-copies: share of images that copy a real training image, whole or in part (tailfuse.nearcopy: "
-                  "a pixel region closer to one training image than all but 2 % of the training images are to their "
-                  "nearest other one, or nearest / second nearest below 1/3; the floor row: real test images)."
-                  + (" Fold figures are means over folds." if folds else ""), "",
-                  "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) | separability AUC | near-copies |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines = ["", "## Image quality of the tail images", "",
+                 f"Against {q['n_real_test']} {q['reference_set']}; {q['subsample']}. Lower FID / FD is closer; the "
+                 "floor (real train vs real test) is what real images of the same labels score. Precision / recall: "
+                 "k-NN manifolds (k = 3), Inception and EfficientNet-Lite0 (domain) features. Separability: AUC of a "
+                 "cross-validated logistic regression telling the set's images from the real tail training images "
+                 "on the frozen EfficientNet-Lite0 features (0.5 = indistinguishable; the floor row: real test images). "
+                 "Near-copies: share of images that copy a real training image, whole or in part (tailfuse.nearcopy: "
+                 "a pixel region closer to one training image than all but 2 % of the training images are to their "
+                 "nearest other one, or nearest / second nearest below 1/3; the floor row: real test images)."
+                 + (" Fold figures are means over folds." if folds else ""), "",
+                 "| set | images | FID | FD domain | precision | recall | precision (domain) | recall (domain) | separability AUC | near-copies |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in q["sets"].items():
             if "fid" not in s:
                 lines.append(f"| {name} | {s.get('n_synthetic', 0)} | – | – | – | – | – | – | – | – |")
@@ -155,17 +193,25 @@ def results_markdown(r: dict) -> str:
             lines.append(f"| {name} | {s['n_images']} of {s['n_available']} | {_f(s['fid'], 1)} | {_f(s['fd_domain'], 1)} | "
                          f"{_f(s['precision'], 2)} | {_f(s['recall'], 2)} | {_f(s['precision_domain'], 2)} | "
                          f"{_f(s['recall_domain'], 2)} | {_f(sep, 3)} | {_f(mem, 3)} |")
-    elif q and q.get("note"):
-        lines += ["", f"Image quality: {q['note']}."]
+        return lines
+    return ["", f"Image quality: {q['note']}."] if q and q.get("note") else []
+
+
+def _md_selection(arms: dict) -> list[str]:
     sel = {a: e["synthetic_set"]["selection"] for a, e in arms.items() if (e.get("synthetic_set") or {}).get("selection")}
-    if sel:
-        lines += ["", "## Selection", "", "| arm | candidates per sample | candidates | near-copies | kept |",
-                  "|---|---|---|---|---|"]
-        for a, s in sel.items():
-            lines.append(f"| {a} | {s['candidates_per_sample']} | {s['n_candidates']} | {s['n_near_copies']} | {s['n_selected']} |")
-    t = r["timings"]
-    lines += ["", "## Timings", ""]
-    for arm, e in arms.items():
+    if not sel:
+        return []
+    lines = ["", "## Selection", "", "| arm | candidates per sample | candidates | near-copies | kept |",
+             "|---|---|---|---|---|"]
+    for a, s in sel.items():
+        lines.append(f"| {a} | {s['candidates_per_sample']} | {s['n_candidates']} | {s['n_near_copies']} | {s['n_selected']} |")
+    return lines
+
+
+def _md_timings(r: dict) -> list[str]:
+    t, q = r["timings"], r.get("quality")
+    lines = ["", "## Timings", ""]
+    for arm, e in r["arms"].items():
         s = (t.get("per_arm") or {}).get(arm) or {}
         made = e.get("synthetic_set") or {}
         made_s = made.get("seconds")
@@ -181,7 +227,7 @@ def results_markdown(r: dict) -> str:
                  "(cached across runs)" + (f"; quality {q['seconds']:.0f} s" if q and "seconds" in q else "") + ".")
     for k, v in (t.get("extra") or {}).items():
         lines.append(f"{k}: {v} s.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plots(r: dict, folder: Path) -> list[str]:
