@@ -13,26 +13,22 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .cli_common import add_verbosity_args
+from .cli_common import add_verbosity_args, csv_list, int_csv
 from .config import load_yaml, resolve
 from .errors import TailfuseError, q
 from .evaluation.cli_args import add_evaluate_parser, cmd_evaluate
 
 
 
-def _csv_list(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--data", help="CSV manifest (path + one 0/1 column per label [+ split]) or a folder with one sub-folder per class")
     g.add_argument("--path-column", help="manifest column holding image paths (default: path)")
-    g.add_argument("--labels", type=_csv_list, help="comma-separated label columns (default: every column holding only 0/1)")
+    g.add_argument("--labels", type=csv_list, help="comma-separated label columns (default: every column holding only 0/1)")
     g.add_argument("--label-column", help="one column of class names instead of 0/1 columns (e.g. diagnosis: MEL, NV, ...; several labels as A|B); found by itself when it is the only text column")
-    g.add_argument("--metadata-columns", type=_csv_list, help="comma-separated columns never taken as labels")
+    g.add_argument("--metadata-columns", type=csv_list, help="comma-separated columns never taken as labels")
     g.add_argument("--group-column", help="column keeping a group in one split when tailfuse splits (default: patient_id if present)")
-    g.add_argument("--tail-labels", type=_csv_list, help="comma-separated tail labels (default: automatic, see --head-share)")
+    g.add_argument("--tail-labels", type=csv_list, help="comma-separated tail labels (default: automatic, see --head-share)")
     g.add_argument("--head-share", type=float, help="automatic head/tail rule: the head is the smallest set of most frequent labels holding this share of train positives (default 0.75)")
     g.add_argument("--image-size", type=int, help="square size images are brought to (default 128; a multiple of the VAE's factor, 8)")
     g.add_argument("--resize", choices=["center-crop", "pad", "stretch"], help="resize policy (default center-crop)")
@@ -227,7 +223,7 @@ def _add_train_prior_parser(sub) -> None:
     p = sub.add_parser("train-prior", help="a class-conditional latent diffusion model on the run's training latents (resumable)")
     _common(p)
     g = p.add_argument_group("prior")
-    g.add_argument("--widths", dest="block_out_channels", type=lambda v: [int(x) for x in _csv_list(v)], help="UNet block widths (default 32,64 on a CPU, 64,128,256 on a GPU)")
+    g.add_argument("--widths", dest="block_out_channels", type=int_csv, help="UNet block widths (default 32,64 on a CPU, 64,128,256 on a GPU)")
     g.add_argument("--layers-per-block", type=int, help="resnet layers per UNet block (default 1)")
     g.add_argument("--attention", action="store_true", default=None, help="self-attention in the lowest-resolution block")
     g.add_argument("--epochs", type=int, help="epochs (default 160 on a CPU: about 10 minutes for 900 latents on 2 cores; 400 on a GPU)")

@@ -13,3 +13,22 @@ def add_verbosity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages too")
     p.add_argument("--processes", type=int, default=argparse.SUPPRESS,
                    help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
+
+
+def csv_list(s: str) -> list[str]:
+    """A comma-separated option value as a list (blanks dropped)."""
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def float_csv(s: str) -> list[float]:
+    try:
+        return [float(x) for x in csv_list(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of numbers") from None
+
+
+def int_csv(s: str) -> list[int]:
+    try:
+        return [int(x) for x in csv_list(s)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None

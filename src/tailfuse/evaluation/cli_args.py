@@ -5,19 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..cli_common import add_verbosity_args
+from ..cli_common import add_verbosity_args, csv_list, float_csv, int_csv
 from .config import ARMS, CLASSIFIERS, LOSSES, OPTIONAL_ARMS, EvaluateConfig
-
-
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
-def _float_csv(s: str) -> list[float]:
-    try:
-        return [float(x) for x in _csv(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of numbers") from None
 
 
 def _arm_list(s: str) -> list[str]:
@@ -33,13 +22,6 @@ def _arm_list(s: str) -> list[str]:
             cur += ch
     out.append(cur)
     return [x.strip() for x in out if x.strip()]
-
-
-def _int_csv(s: str) -> list[int]:
-    try:
-        return [int(x) for x in _csv(s)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,13 +40,13 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--arms", type=_arm_list, help=f"comma-separated arms (default: {','.join(ARMS)}; also "
                    f"{','.join(OPTIONAL_ARMS)}, and fusion arms with other settings, e.g. "
                    "'tailfuse[pixel_detail=true,candidates=3]')")
-    g.add_argument("--seeds", type=_int_csv, help="comma-separated seeds of the arms' draws and of the partial/finetune/cnn classifiers (default 0,1,2)")
+    g.add_argument("--seeds", type=int_csv, help="comma-separated seeds of the arms' draws and of the partial/finetune/cnn classifiers (default 0,1,2)")
     g.add_argument("--classifier", choices=list(CLASSIFIERS), help="linear: logistic regression on frozen EfficientNet-Lite0 features (default); partial: the last --trainable-blocks blocks of EfficientNet-Lite0 and a new head trained on frozen maps at the run's image size; finetune (all layers); cnn (small CNN from scratch)")
     g.add_argument("--select", choices=["map", "balanced_accuracy"], help="what picks C / the epoch / the weight decay on val (default: map for linear; for the other classifiers balanced_accuracy on multi-class data, map on multi-label data)")
-    g.add_argument("--c-grid", type=_float_csv, help="linear: regularisation values C tried per arm, the best on val kept (default 3e-4,1e-3,3e-3,0.01,0.03,0.1,0.3)")
+    g.add_argument("--c-grid", type=float_csv, help="linear: regularisation values C tried per arm, the best on val kept (default 3e-4,1e-3,3e-3,0.01,0.03,0.1,0.3)")
     g.add_argument("--epochs", type=int, help="partial / finetune / cnn: training epochs (default 20 / 8 / 30)")
     g.add_argument("--lr", type=float, help="partial / finetune / cnn: learning rate (default 5e-4 / 1e-4 / 1e-3)")
-    g.add_argument("--weight-decay", type=_float_csv, help="partial / finetune / cnn: AdamW weight decays tried per arm, the best on val kept (default 1e-4)")
+    g.add_argument("--weight-decay", type=float_csv, help="partial / finetune / cnn: AdamW weight decays tried per arm, the best on val kept (default 1e-4)")
     g.add_argument("--batch-size", type=int, help="partial / finetune / cnn: batch size (default 64)")
     g.add_argument("--trainable-blocks", type=int, help="partial: the last MBConv blocks of EfficientNet-Lite0 trained (default 3 of 16)")
     g.add_argument("--pool", type=int, help="image arms: each epoch draws the budget afresh from a set of this many times the budget (default 1: the same images every epoch); oversample then redraws its duplicates each epoch")
@@ -77,7 +59,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     n.add_argument("--per-class", type=int, help="instead: this many new samples per tail label")
     n.add_argument("--sampling-strategy", help="instead: imbalanced-learn's sampling_strategy shape: auto, a ratio of the median head-label count, or a mapping '{BCC: 150}' of target counts")
     g.add_argument("--max-ratio", type=float, help="auto / ratio budgets: a tail label grows to at most this multiple of its real count (default 5)")
-    g.add_argument("--budgets", type=_float_csv, help="budget sweep: every augmentation arm also at these multiples of each tail label's real train count, e.g. 0.5,1,2,5")
+    g.add_argument("--budgets", type=float_csv, help="budget sweep: every augmentation arm also at these multiples of each tail label's real train count, e.g. 0.5,1,2,5")
     g.add_argument("--data-seed", type=int, help="seed of the synthetic sets, the folds and the bootstrap (default 0)")
     g.add_argument("--smote-k", type=int, help="neighbours of SMOTE / MLSMOTE (default 5)")
     g.add_argument("--mixup-alpha", type=float, help="mixup Beta(alpha, alpha) (default 0.4)")
