@@ -82,9 +82,16 @@ def test_resume_after_interruption_gives_the_same_final_weights(tmp_path, encode
 def test_checkpoints_metrics_info_and_reload(tmp_path, encoded, capsys):
     run = tmp_path / "run"
     shutil.copytree(encoded, run)
-    rc = main(["train", "--run", str(run), "--generations", "2", "--epochs", "1", "--imitation-epochs", "1", "--k", "8",
-               "--dim", "4", "--tau", "0.3", "--batch-size", "8", "--quiet"])
+    before = torch.get_num_threads()
+    try:
+        rc = main(["train", "--run", str(run), "--generations", "2", "--epochs", "1", "--imitation-epochs", "1", "--k",
+                   "8", "--dim", "4", "--tau", "0.3", "--batch-size", "8", "--threads", "1", "--quiet"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert rc == 0
+    runtime = json.loads((run / "stages" / "train.json").read_text())["runtime"]  # what the stage ran with
+    assert runtime["threads"] == 1 and runtime["cpus_allowed"] >= 1 and len(runtime["load_average_at_start"]) == 3
     for g in (0, 1):
         assert (run / "train" / f"gen-{g:02d}" / "model.safetensors").is_file()
         assert (run / "train" / f"gen-{g:02d}" / "config.json").is_file()
@@ -97,6 +104,7 @@ def test_checkpoints_metrics_info_and_reload(tmp_path, encoded, capsys):
     capsys.readouterr()
     main(["info", "--run", str(run), "--json"])
     info = json.loads(capsys.readouterr().out)
+    assert info["stages"]["train"]["threads"] == 1 and info["stages"]["train"]["load_at_start"] >= 0
     t = info["train"]
     assert t["generation"] == 1
     for key in ("sparsity", "recon_rel_l1", "recon_rel_l1_hard", "val_map", "imitation_agreement"):
@@ -115,6 +123,8 @@ def test_checkpoints_metrics_info_and_reload(tmp_path, encoded, capsys):
     assert "already done" not in capsys.readouterr().err  # -q: warnings and errors only
     with pytest.raises(TailfuseError, match="other settings"):
         run_train(str(run), _cfg(epochs=3), **QUIET)
+    assert main([*args, "--threads", "0"]) == 2
+    assert "--threads 0: give at least 1" in capsys.readouterr().err
 
 
 def test_no_imitation_ablation_is_kept_beside_the_default(tmp_path, encoded):

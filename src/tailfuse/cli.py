@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .cli_common import add_verbosity_args, csv_list, int_csv
+from .cli_common import THREADS_HELP, add_verbosity_args, csv_list, int_csv
 from .config import load_yaml, resolve
 from .errors import TailfuseError, q
 from .evaluation.cli_args import add_evaluate_parser, cmd_evaluate
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     ap.add_argument("--processes", type=int, default=1, help="run in N processes (encode, fuse, refine, sample and "
                     "decode share their shards; output identical to one process)")
+    ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     sub = ap.add_subparsers(dest="command", metavar="command")
     # one function a sub-command, in the order `tailfuse --help` lists them
     for add in (_add_encode_parser, _add_train_parser, _add_fuse_parser, _add_decode_parser, _add_run_parser,
@@ -574,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return _relaunch(argv, n)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        print(f"tailfuse {args.command}: error: --threads {threads}: give at least 1.", file=sys.stderr)
+        return 2
+    from .threads import configure
+
+    configure(threads)
     signal.signal(signal.SIGTERM, _sigterm)
     run = getattr(args, "run", None)
     created = _first_missing(Path(run)) if run is not None else None

@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 
 
+THREADS_HELP = ("CPU threads of each process's torch work (default: OMP_NUM_THREADS, else every core; with "
+                "--processes N, each process takes its share); recorded in every stage's record")
+
+
 def add_verbosity_args(p: argparse.ArgumentParser) -> None:
-    """-q / -v / --processes on a sub-command (absent from the namespace unless given: the top-level flags stand)."""
+    """-q / -v / --processes / --threads on a sub-command (absent from the namespace unless given: the top-level flags stand)."""
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="no progress bars, warnings and errors only")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages too")
     p.add_argument("--processes", type=int, default=argparse.SUPPRESS,
                    help="run the stage in N processes (each takes every N-th shard; output identical to one process)")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=THREADS_HELP)
 
 
 def csv_list(s: str) -> list[str]:

@@ -71,8 +71,9 @@ def current(device: str = "cpu") -> Dist:
 
     # a long stage on the main process (training) keeps the others waiting at a barrier: a generous timeout
     state = PartialState(cpu=torch.device(device).type == "cpu", timeout=timedelta(hours=48))
-    if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the processes
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
+    from .threads import share
+
+    share(state.num_processes)  # unless --threads or OMP_NUM_THREADS chose: share the allowed CPUs
     _CURRENT = Dist(state.process_index, state.num_processes, state)
     return _CURRENT
 

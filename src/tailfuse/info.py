@@ -29,6 +29,11 @@ def run_info(run: str) -> dict:
         for k in ("n_encoded", "n_skipped", "seconds", "finished_at", "generation", "n_samples"):
             if k in rec:
                 s[k] = rec[k]
+        rt = rec.get("runtime") or {}
+        if rt:  # what the stage ran with, so a slow stage can explain itself
+            s["threads"] = rt.get("threads")
+            if rt.get("load_average_at_start"):
+                s["load_at_start"] = rt["load_average_at_start"][0]
         out["stages"][name] = s
     if store.labels_json.is_file():
         lab = store.labels()

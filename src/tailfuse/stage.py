@@ -70,7 +70,12 @@ class Stage:
         error = dist.broadcast(error)  # also the point after which every process sees the main one's writes
         if error:
             raise StageMismatch(error)
-        return cls(store, name, store.stage(name), dist)
+        st = cls(store, name, store.stage(name), dist)
+        if not st.done:  # this attempt's threads and load (a resumed stage: the latest attempt's)
+            from .threads import runtime_record
+
+            st.update(runtime=runtime_record())
+        return st
 
     @classmethod
     def _prepare(cls, store, name, config_hash, what, wipe, force, inputs, extra) -> None:

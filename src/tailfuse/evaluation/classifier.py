@@ -32,7 +32,6 @@ flips (the mirror image's frozen maps), learning rate on a cosine schedule.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,18 +52,6 @@ class TrainSet:
 
     def __len__(self) -> int:
         return len(self.a)
-
-
-@contextmanager
-def one_thread():
-    """Tiny matrix products run fastest on one thread; with several, OpenMP synchronisation dominates (8x slower
-    measured on a loaded 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def class_weights(y: np.ndarray, multi_label: bool) -> torch.Tensor:

@@ -72,7 +72,6 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-train-missing", dest="train_missing", action="store_false", default=None, help="fail instead of training the missing 'train-no-imitation' model")
     g.add_argument("--vae", help="VAE for decoding the image arms (default: the one the run was encoded with)")
     g.add_argument("--device", help="cpu (default), cuda, ...")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--force", action="store_true", help="redo everything: synthetic sets and every arm (features stay cached)")
     return p
 
