@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
 from _results import Load, child_env, parse, parser, provenance, write_results  # noqa: E402
 
 
