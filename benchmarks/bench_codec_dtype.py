@@ -1,6 +1,6 @@
 """VAE dtype benchmark: TAESD encode and decode on CPU in float32 (the default) against bfloat16 (`--dtype bfloat16`).
 
-    python benchmarks/bench_codec_dtype.py --vae ../shared/models/taesd --data ../shared/data/isic2018_lt [--threads 1]
+    python benchmarks/bench_codec_dtype.py [--vae ../shared/models/taesd] [--data ../shared/data/isic2018_lt] [--threads 1]
 
 For each image size (128 px; 512 px, Stable Diffusion's native size) it encodes and decodes real ISIC2018-LT images
 with one `VAECodec` per dtype (channels-last, as tailfuse runs on CPU), with --threads torch threads, and reports the
@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
 
-from _results import Load, machine, write_results  # noqa: E402
+from _results import Load, parse, provenance, write_results  # noqa: E402
 from bench_codec_layout import codec_bench_args, png_levels, real_batches, time_codec  # noqa: E402
 from tailfuse.codec import VAECodec  # noqa: E402
 
@@ -72,10 +72,10 @@ def main() -> int:
                     help="bench_scale.py decode results of one fused set with each dtype")
     ap.add_argument("--images", nargs=2, metavar=("FLOAT32_DIR", "BFLOAT16_DIR"),
                     help="the images those two decodes wrote (same file names)")
-    a = ap.parse_args()
+    a = parse(ap)  # sets torch's thread count to --threads
     load = Load()
     rows = []
-    for size, batch, x in real_batches(a.data, a.threads):
+    for size, batch, x in real_batches(a.data):
         res, codecs = {}, {}
         for dtype in ("float32", "bfloat16"):
             codecs[dtype] = VAECodec.load(a.vae, dtype=dtype)
@@ -96,9 +96,8 @@ def main() -> int:
     flags = sorted({w for w in open("/proc/cpuinfo").read().split() if w in ("avx512_bf16", "amx_bf16", "amx_tile")}) \
         if Path("/proc/cpuinfo").is_file() else []
     e2e = _end_to_end(a.scale_results, a.images) if a.scale_results else None
-    res = {"command": "python benchmarks/bench_codec_dtype.py " + " ".join(sys.argv[1:]), "rows": rows,
-           **({"end_to_end": e2e} if e2e else {}), "torch": torch.__version__, "cpu_bf16_flags": flags,
-           "machine": machine(), **load.record()}
+    res = {**provenance(load, a), "rows": rows, **({"end_to_end": e2e} if e2e else {}), "torch": torch.__version__,
+           "cpu_bf16_flags": flags}
     md = ["# TAESD on CPU: float32 against bfloat16 (seconds per batch, best of "
           f"{a.repeats}; {a.threads} thread(s); channels-last)", "", f"Command: `{res['command']}`", "",
           "| size | batch | encode fp32 | encode bf16 | speed-up | decode fp32 | decode bf16 | speed-up "

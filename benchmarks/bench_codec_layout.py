@@ -1,6 +1,6 @@
 """VAE layout benchmark: TAESD encode and decode on CPU in NCHW (contiguous) against channels-last layout.
 
-    python benchmarks/bench_codec_layout.py --vae ../shared/models/taesd --data ../shared/data/isic2018_lt [--threads 1]
+    python benchmarks/bench_codec_layout.py [--vae ../shared/models/taesd] [--data ../shared/data/isic2018_lt] [--threads 1]
 
 For each image size (128 px, the default; 512 px, Stable Diffusion's native size) it encodes and decodes real
 ISIC2018-LT images with one `VAECodec` in each layout, with --threads torch threads, and reports the best of
@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
 
-from _results import Load, machine, write_results  # noqa: E402
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 from tailfuse.codec import VAECodec  # noqa: E402
 from tailfuse.images import load_image  # noqa: E402
 
@@ -38,20 +38,16 @@ def _best(fn, x, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 def codec_bench_args(doc: str) -> argparse.ArgumentParser:
-    """The options the codec benchmarks share: --vae, --data, --threads, --repeats, --out."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vae", required=True)
-    ap.add_argument("--data", required=True, help="a dataset folder with images/ (ISIC2018-LT)")
-    ap.add_argument("--threads", type=int, default=1)
+    """The options the codec benchmarks share: the common ones (--out, --threads default 1, --vae, --data) and
+    --repeats."""
+    ap = parser(doc, threads=1, vae=True, data="isic2018_lt", data_help="a dataset folder with images/ (ISIC2018-LT)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "results"))
     return ap
 
 
-def real_batches(data: str, threads: int):
-    """Sets torch's thread count and yields (size, batch, images in [0, 1]) of the dataset's first real images at
-    128 px (the default, a batch of 32) and 512 px (Stable Diffusion's native size, a batch of 4)."""
-    torch.set_num_threads(threads)
+def real_batches(data: str):
+    """Yields (size, batch, images in [0, 1]) of the dataset's first real images at 128 px (the default, a batch of
+    32) and 512 px (Stable Diffusion's native size, a batch of 4)."""
     files = sorted(Path(data, "images").glob("*.png"))[:32]
     for size, batch in ((128, 32), (512, 4)):
         yield size, batch, torch.stack([load_image(str(f), size) for f in files[:batch]])
@@ -70,10 +66,10 @@ def png_levels(images01: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> int:
-    a = codec_bench_args(__doc__).parse_args()
+    a = parse(codec_bench_args(__doc__))  # sets torch's thread count to --threads
     load = Load()
     rows = []
-    for size, batch, x in real_batches(a.data, a.threads):
+    for size, batch, x in real_batches(a.data):
         res = {}
         for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
             codec = VAECodec.load(a.vae)
@@ -91,8 +87,7 @@ def main() -> int:
                      "png_levels_differing_fraction": float((png_levels(n["y"]) != png_levels(c["y"])).float().mean()),
                      "max_png_level_diff": float((png_levels(n["y"]) - png_levels(c["y"])).abs().max())})
         print(json.dumps(rows[-1]))
-    res = {"command": "python benchmarks/bench_codec_layout.py " + " ".join(sys.argv[1:]), "rows": rows,
-           "torch": torch.__version__, "machine": machine(), **load.record()}
+    res = {**provenance(load, a), "rows": rows, "torch": torch.__version__}
     md = ["# TAESD on CPU: NCHW against channels-last layout (seconds per batch, best of "
           f"{a.repeats}; {a.threads} thread(s))", "", f"Command: `{res['command']}`", "",
           "| size | batch | encode NCHW | encode channels-last | speed-up | decode NCHW | decode channels-last | speed-up "

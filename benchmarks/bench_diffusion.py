@@ -14,9 +14,6 @@ benchmarks/results/diffusion-<tag>.json and .md. Image quality and tail mAP of (
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
 import shutil
 import sys
@@ -27,6 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
+
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 
 from tailfuse.config import DecodeConfig, FuseConfig, PriorConfig, RefineConfig  # noqa: E402
 from tailfuse.decode import run_decode  # noqa: E402
@@ -78,20 +77,17 @@ def taesd_decode_512_seconds(run: RunStore, reps: int = 3) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=2)
     ap.add_argument("--run", required=True, help="run folder (encode + train done)")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--refine", default="5/50", help="d/N of (b); N is also (c)'s step count (default 5/50)")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--n", type=int, default=64, help="samples timed per path (default 64)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sd-steps", type=int, default=2, help="SD-sized UNet steps actually timed (default 2)")
-    ap.add_argument("--out", default=str(HERE / "results"))
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = parse(ap)  # sets torch's thread count to --threads
     store = RunStore(a.run)
     d, n_steps = RefineConfig(refine=a.refine).steps()
-    load_start = os.getloadavg()
+    load = Load()
     prior_s = timed(run_train_prior, a.run, PriorConfig(), **QUIET)
     tail = store.labels()["tail_labels"]
     per = max(1, a.n // len(tail))
@@ -119,7 +115,7 @@ def main() -> int:
                      "b_fusion_refine_decode": parts["fusion"] * 16 + d * u + dec512,
                      "c_sample_decode": n_steps * u + dec512}
     res = {
-        "command": "python benchmarks/bench_diffusion.py " + " ".join(sys.argv[1:]),
+        **provenance(load, a),
         "run": str(store.root.resolve()), "n_samples": n, "refine": a.refine, "guidance": a.guidance,
         "prior": {"train_seconds_this_call": round(prior_s, 1), **{k: store.stage("prior").get(k) for k in
                                                                    ("n_parameters", "epochs", "seconds", "final_val_loss")}},
@@ -132,17 +128,11 @@ def main() -> int:
                             "method": f"{sd['timed_steps']} UNet steps timed (batch 2: classifier-free guidance) and "
                                       "multiplied by the step counts; fusion per sample scaled by 16 (64 x 64 vs 16 x 16 "
                                       "positions); TAESD decode of one 4 x 64 x 64 latent timed"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": a.threads},
-        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"diffusion-{a.tag}.json").write_text(json.dumps(res, indent=2) + "\n")
     tp, sdp = res["trained_prior"], res["sd15_sized_unet"]
     md = [f"# Diffusion step: seconds per synthetic sample ({a.tag})", "", f"Command: `{res['command']}`", "",
           f"{n} tail samples per path; (b) refines {d} of {n_steps} DDIM steps, (c) samples {n_steps} steps from noise; "
-          f"guidance {a.guidance:g}. {platform.platform()}, {a.threads} torch threads; load average at the start "
-          f"{', '.join(f'{x:.1f}' for x in load_start)}, at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}.", "",
+          f"guidance {a.guidance:g}. {platform.platform()}, {a.threads} torch threads; {load.footer()}.", "",
           "| path | trained prior (s / sample) | SD-1.5-sized UNet, 4x64x64 (s / sample) |", "|---|---|---|"]
     for k, label in (("a_fusion_decode", "(a) fusion + decode"), ("b_fusion_refine_decode", f"(b) fusion + refine {a.refine} + decode"),
                      ("c_sample_decode", f"(c) {n_steps}-step sampling + decode")):
@@ -154,8 +144,7 @@ def main() -> int:
            f"SD-1.5-sized UNet ({sd['parameters'] / 1e6:.0f}M parameters, random weights, {u:.2f} s per guided step, "
            f"measured over {sd['timed_steps']} steps and multiplied): (c)/(a) {sdp['ratio_c_over_a']:.0f}x, (c)/(b) "
            f"{sdp['ratio_c_over_b']:.1f}x. TAESD decode of a 4x64x64 latent {dec512:.2f} s."]
-    (out / f"diffusion-{a.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, f"diffusion-{a.tag}", res, md)
     return 0
 
 

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from _results import Load  # noqa: E402
+from _results import Load, child_env, parse, parser, provenance, write_results  # noqa: E402
 from tailfuse.cli import setup_logging  # noqa: E402
 from tailfuse.evaluation.cli_args import add_evaluate_parser, cmd_evaluate  # noqa: E402
 
@@ -51,7 +50,7 @@ def prepare(run: Path, data: str, vae: str | None, threads: int) -> dict:
         extra = ["--metadata-columns", "cell_type"]
     else:
         extra = []
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = child_env(threads)
     out = {"data": data}
     for stage, args in (("encode", ["--data", data, *extra, *(["--vae", vae] if vae else [])]), ("train", [])):
         t = time.time()
@@ -66,16 +65,16 @@ def main() -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=2,
+                threads_help="torch threads (this process, `tailfuse evaluate --threads`, and OMP_NUM_THREADS of "
+                             "the encode and train that --data runs)")
     ap.add_argument("--run", required=True, help="run folder (encode + train done, or made with --data)")
     ap.add_argument("--data", help="manifest to encode into --run first (or 'elpv': the whole ELPV set)")
     ap.add_argument("--vae", help="VAE folder for --data (default $TAILFUSE_VAE)")
     ap.add_argument("--tag", required=True, help="name of the result files (e.g. isic2018_lt)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--fresh", action="store_true", help="drop cached arm results first (features stay cached)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")
     ap.add_argument("--note", help="a sentence written into both result files (conditions of the measurement)")
-    a = ap.parse_args(argv)
+    a = parse(ap, argv)  # sets torch's thread count to --threads
     run = Path(a.run)
     load = Load()
     prep = prepare(run, a.data, a.vae, a.threads) if a.data else None
@@ -91,29 +90,25 @@ def main() -> int:
     if rc:
         return rc
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     res_dir = Path(getattr(args, "output", None) or run / "eval")  # cmd_evaluate records where it wrote (folds: a subfolder)
     res = json.loads((res_dir / "results.json").read_text())
-    bench_cmd = "python benchmarks/bench_evaluate.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    # the evaluation's own "command" (tailfuse evaluate ...) stays at the top; this script's record is "benchmark"
     res["benchmark"] = {
-        "command": bench_cmd,
+        **provenance(load, a),
         "evaluate_command": res.get("command"),
         "wall_seconds": round(wall, 1),
         # CPU time of this process (user + system); with 2 cores and no other load, wall ~ cpu / 2
         "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
-        **load.record(),
         "prepared": prep,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "torch_threads": a.threads},
         "seconds_per_arm": {arm: e.get("seconds") for arm, e in res["arms"].items()},
         "note": a.note,
     }
-    (out / f"evaluate-{a.tag}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    md = (res_dir / "results.md").read_text()
-    note = (f"\nProduced by `{bench_cmd}` (wall {wall / 60:.1f} min on {os.cpu_count()} CPUs, {a.threads} torch "
-            f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; "
-            f"{load.footer()}).\n" + (f"\n{a.note}\n" if a.note else ""))
-    (out / f"evaluate-{a.tag}.md").write_text(md + note)
+    bench_cmd = res["benchmark"]["command"]
+    md = (res_dir / "results.md").read_text().rstrip("\n").split("\n")
+    md += ["", f"Produced by `{bench_cmd}` (wall {wall / 60:.1f} min on {os.cpu_count()} CPUs, {a.threads} torch "
+               f"threads; {platform.platform()}; CPU time {res['benchmark']['cpu_seconds'] / 60:.1f} min; "
+               f"{load.footer()})."] + (["", a.note] if a.note else [])
+    write_results(out, f"evaluate-{a.tag}", res, md, echo=False, provenance_in=res["benchmark"])
     for png in sorted(Path(x) for x in res.get("plots") or []):  # this evaluation's plots, not older ones beside them
         shutil.copy(png, out / f"evaluate-{a.tag}-{png.name}")
     print(f"benchmark: wrote {out / f'evaluate-{a.tag}.json'} and .md ({wall / 60:.1f} min)")

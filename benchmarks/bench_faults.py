@@ -1,6 +1,6 @@
 """Reliability benchmark (issue 11): kills survived by every stage, and the bad-input corpus.
 
-    python benchmarks/bench_faults.py --isic ../shared/data/isic2018_lt --vae ../shared/models/taesd [--kills 5]
+    python benchmarks/bench_faults.py [--isic ../shared/data/isic2018_lt] [--vae ../shared/models/taesd] [--kills 5]
 
 Runs the fault harness (benchmarks/fault_harness.py: SIGKILL at random points, resume, compare with an
 uninterrupted run) with --kills kills per stage on a small real run (ISIC2018-LT, 2 images per label and split,
@@ -11,8 +11,6 @@ benchmarks/results/reliability.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import subprocess
@@ -25,19 +23,21 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import fault_harness  # noqa: E402
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--isic", required=True)
-    ap.add_argument("--vae", required=True)
+    ap = parser(__doc__, threads=fault_harness.THREADS, vae=True, data="isic2018_lt", data_flag="--isic",
+                data_help="the ISIC2018-LT folder",
+                threads_help="torch threads of this process and OMP_NUM_THREADS of every tailfuse process the "
+                             "harness starts")
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(HERE / "results"))
-    a = ap.parse_args()
+    a = parse(ap)
+    fault_harness.THREADS = a.threads
     from conftest import subset_manifest
 
-    load_start = os.getloadavg()
+    load = Load()
     with tempfile.TemporaryDirectory() as tmp:
         manifest = subset_manifest(Path(a.isic), Path(tmp) / "in" / "m.csv", per_label=2)
         res = fault_harness.run_harness(Path(tmp) / "h", manifest, Path(a.vae), kills=a.kills, seed=a.seed)
@@ -48,11 +48,7 @@ def main() -> int:
                              str(HERE.parent / "tests" / "test_faults.py") + "::test_a_full_disk_fails_with_one_line_and_the_next_run_resumes"],
                             env=env, capture_output=True, text=True, cwd=HERE.parent)
     summary = [x for x in corpus.stdout.splitlines() if "passed" in x or "failed" in x][-1:]
-    res.update(command="python benchmarks/bench_faults.py " + " ".join(sys.argv[1:]), corpus_pytest=summary,
-               corpus_ok=corpus.returncode == 0, machine=platform.platform(), load_average_at_start=load_start,
-               load_average_at_end=os.getloadavg())
-    out = Path(a.out)
-    (out / "reliability.json").write_text(json.dumps(res, indent=2) + "\n")
+    res = {**provenance(load, a), **res, "corpus_pytest": summary, "corpus_ok": corpus.returncode == 0}
     per = {}
     for t in res["trials"]:
         p = per.setdefault(t["stage"], {"trials": 0, "killed": 0, "identical": 0, "files": 0, "left": 0})
@@ -80,10 +76,8 @@ def main() -> int:
            "(--per-class -1, --image-size 100 and 0, --refine 60/50: refused before any work) and 5 run-folder "
            "cases (another dataset, a concurrent writer, a stale lock, another user's or a read-only folder, a full "
            "disk).", "",
-           f"{res['machine']}; load average at the start {', '.join(f'{x:.1f}' for x in load_start)}, at the end "
-           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}."]
-    (out / "reliability.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+           f"{platform.platform()}; {load.footer()}."]
+    write_results(a.out, "reliability", res, md)
     return 0 if res["kills_survived_identical"] == res["kills"] and res["corpus_ok"] else 1
 
 

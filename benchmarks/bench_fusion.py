@@ -22,8 +22,6 @@ Writes benchmarks/results/fusion-<tag>.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import subprocess
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 from tailfuse.codec import VAECodec  # noqa: E402
 from tailfuse.evaluation.features import Backbone, image_features  # noqa: E402
 from tailfuse.fusion.stage import synthetic_latents  # noqa: E402
@@ -143,17 +142,18 @@ def scores(clf, sc, x, n_labels, multi, keep):
 def main() -> None:
     from sklearn.metrics import average_precision_score
 
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, threads=2,
+                threads_help="torch threads of this process (features, seams, decode-only timing; the timed "
+                             "`tailfuse fuse` and `decode` run in their own processes with torch's default)")
     ap.add_argument("--run", required=True)
     ap.add_argument("--tag", required=True)
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--memory-base", type=int, default=50, help="N of the memory check (N and 10 N per tail label)")
     ap.add_argument("--name", default="synthetic")
     ap.add_argument("--fuse-args", default="", help="extra arguments for tailfuse fuse (e.g. '--code soft')")
-    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--no-memory", action="store_true", help="skip the memory check (quick experiments)")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
+    args = parse(ap)  # sets torch's thread count to --threads (2 by default, as this script always did)
+    load = Load()
     run = Path(args.run)
     store = RunStore(run)
     out = Path(args.out)
@@ -282,12 +282,9 @@ def main() -> None:
                           "fuse_peak_rss_mb": round(fr, 1), "decode_peak_rss_mb": round(dr, 1),
                           "fuse_seconds": round(fs, 1), "decode_seconds": round(ds, 1)}
     peak = lambda m: max(m["fuse_peak_rss_mb"], m["decode_peak_rss_mb"])  # noqa: E731
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     result = {
-        "command": f"python benchmarks/bench_fusion.py --run {args.run} --tag {args.tag} --per-class {args.per_class}"
-        + (f" --name {args.name}" if args.name != "synthetic" else "")
-        + (f" --fuse-args '{args.fuse_args}'" if args.fuse_args else "")
-        + (" --no-memory" if args.no_memory else f" --memory-base {args.memory_base}"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        **provenance(load, args),
         "fuse_config": store.config().get(f"fuse-{args.name}"),
         "n_synthetic": n_syn, "n_unique_images": len(digests),
         "fuse_seconds": round(fuse_s, 1), "decode_seconds": round(dec_s, 1),
@@ -296,8 +293,7 @@ def main() -> None:
         "head_classifier_C": c_best, "per_label": per_label, "memory": mem,
         "memory_ratio_10x_over_1x": round(peak(mem["10"]) / peak(mem["1"]), 3) if mem else None,
     }
-    (out / f"fusion-{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# fusion benchmark: {args.tag}", "", f"Command: `{result['command']}`", "", f"Machine: {result['machine']}.", "",
+    md = [f"# fusion benchmark: {args.tag}", "", f"Command: `{result['command']}`", "", f"Machine: {machine}.", "",
           f"{n_syn} synthetic images, {len(digests)} distinct. Fuse {fuse_s:.1f} s + decode {dec_s:.1f} s = "
           f"{result['fuse_decode_samples_per_s']} samples/s (process start-up and model loading included); "
           f"VAE decode alone {result['vae_decode_only_samples_per_s']} samples/s.", "",
@@ -315,9 +311,9 @@ def main() -> None:
         md.append(f"| {m['per_class']} | {m['n_synthetic']} | {m['fuse_peak_rss_mb']} | {m['decode_peak_rss_mb']} | {m['fuse_seconds']} | {m['decode_seconds']} |")
     md += ["", f"10x / 1x peak RSS: {result['memory_ratio_10x_over_1x']} (bar <= 1.2).", "",
            "Grids: " + ", ".join(f"`fusion-{args.tag}-{lab}.png`" for lab in per_label)
-           + " (rows: real train images; synthetic images; then tail source | head source | mask, white = from tail | synthetic)."]
-    (out / f"fusion-{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+           + " (rows: real train images; synthetic images; then tail source | head source | mask, white = from tail | synthetic).",
+           "", f"{platform.platform()}; {load.footer()}."]
+    write_results(out, f"fusion-{args.tag}", result, md)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Does the near-copy check find copies? (issue 26). Measures candidate feature distances and rules on probe sets.
 
-    python benchmarks/bench_near_copies.py --data ../shared/data/isic2018_lt --vae ../shared/models/taesd \
+    python benchmarks/bench_near_copies.py [--data ../shared/data/isic2018_lt] [--vae ../shared/models/taesd] \
         --work /tmp/nearcopy --one VASC
 
 Makes ISIC2018-LT with the training images of one tail label (``--one``) cut to a single image, runs `tailfuse run`
@@ -19,7 +19,6 @@ Writes benchmarks/results/near-copies.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import sys
@@ -33,7 +32,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from _results import Load, machine, write_results  # noqa: E402
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 
 
 def _standardised(ref, x, floor: float | None):
@@ -84,15 +83,12 @@ def jitter(img: Image.Image, kind: str, rng) -> Image.Image:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="the ISIC2018-LT folder (manifest.csv)")
-    ap.add_argument("--vae", required=True)
+    ap = parser(__doc__, threads=None, vae=True, data="isic2018_lt", data_help="the ISIC2018-LT folder (manifest.csv)")
     ap.add_argument("--work", required=True)
     ap.add_argument("--one", default="VASC", help="tail label cut to one training image")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--n-copies", type=int, default=100, help="training images copied (and jittered)")
-    ap.add_argument("--out", default=str(HERE / "results"))
-    a = ap.parse_args()
+    a = parse(ap)
     import tailfuse
     from tailfuse.scoring import run_image_features
     from tailfuse.store import RunStore
@@ -183,12 +179,11 @@ def main() -> int:
         region[k] = row
     t_region = time.time() - t2
 
-    out = {"command": "python " + " ".join(sys.argv), "one_label": a.one, "per_class": a.per_class,
+    out = {**provenance(load, a), "one_label": a.one, "per_class": a.per_class,
            "n_train": len(train), "n_dead_dimensions": dead, "feature": "EfficientNet-Lite0 pooled (1280-d)",
            "run_seconds": round(t_run, 1), "feature_seconds": round(t_feat, 1), "results": table,
            "region": {"sets": region, "thresholds": thr, "median_real_nearest": float(np.median(index.calibration)),
-                      "n_calibration": int(len(index.calibration)), "seconds": round(t_region, 1)},
-           "machine": machine(), **load.record()}
+                      "n_calibration": int(len(index.calibration)), "seconds": round(t_region, 1)}}
     rules = ["ratio < 1/3", "d1 < 1 % quantile of real nearest", "d1 < 5 % quantile of real nearest"]
     md = ["# Near-copy check: which distance and rule find copies (issue 26)", "",
           f"Command: `{out['command']}`", "",

@@ -1,6 +1,6 @@
 """Neighbour search of `tailfuse fuse` on a finished run's saliency maps: exact search against faiss (flat, HNSW),
-each in its own one-thread process: wall time, peak RSS, and how many of each tail map's k neighbours are those of
-exact search (recall at k) and whether the nearest is the same (the partner fuse takes first).
+each in its own process of one thread (--threads): wall time, peak RSS, and how many of each tail map's k neighbours
+are those of exact search (recall at k) and whether the nearest is the same (the partner fuse takes first).
 
     python benchmarks/bench_neighbours.py RUN [--index exact,faiss-flat,faiss-hnsw] [--k 3] [--tag 50k]
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -28,7 +27,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from _results import Load, machine, write_results  # noqa: E402
+from _results import Load, child_env, parse, parser, provenance, write_results  # noqa: E402
 
 
 def _maps(run: Path):
@@ -43,14 +42,15 @@ def _maps(run: Path):
     return (*saliency_maps(store, name[len("saliency-"):]), store)
 
 
-def one(run: Path, index: str, k: int, out: Path) -> None:
-    """Child process: one search, its neighbours to ``out`` (csv) and its figures to ``out``.json."""
+def one(run: Path, index: str, k: int, out: Path, threads: int = 1) -> None:
+    """Child process: one search (``threads`` torch threads), its neighbours to ``out`` (csv) and its figures to
+    ``out``.json."""
     import torch
 
     from tailfuse.config import FuseConfig
     from tailfuse.fusion.stage import run_neighbours
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     table, maps, folder, store = _maps(run)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
@@ -65,29 +65,28 @@ def one(run: Path, index: str, k: int, out: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=1, threads_help="torch threads of each search's process (and of this one)")
     ap.add_argument("run")
     ap.add_argument("--index", default="exact,faiss-flat,faiss-hnsw", help="indexes to compare (exact comes first)")
     ap.add_argument("--k", type=int, default=3, help="neighbours per tail map (fuse's default --neighbours)")
-    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--to", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = parse(ap)
     if a.one:
-        one(Path(a.run), a.one, a.k, Path(a.to))
+        one(Path(a.run), a.one, a.k, Path(a.to), a.threads)
         return 0
     indexes = a.index.split(",")
     if "exact" not in indexes:
         indexes = ["exact", *indexes]  # recall is measured against it
     load = Load()
     rows, found = {}, {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for ix in indexes:
             to = Path(tmp) / f"{ix}.csv"
-            subprocess.run([sys.executable, __file__, a.run, "--one", ix, "--k", str(a.k), "--to", str(to)], check=True,
-                           env=env)
+            subprocess.run([sys.executable, __file__, a.run, "--one", ix, "--k", str(a.k), "--to", str(to),
+                            "--threads", str(a.threads)], check=True, env=env)
             rows[ix] = json.loads(Path(f"{to}.json").read_text())
             found[ix] = pd.read_csv(to)
             print(ix, rows[ix], flush=True)
@@ -99,11 +98,12 @@ def main() -> int:
         first = nb[nb["rank"] == 0].set_index("tail_row")["head_row"]
         rows[ix]["same_nearest"] = round(float((first.loc[ref0.index] == ref0).mean()), 4)
     r0 = rows["exact"]
-    command = "python benchmarks/bench_neighbours.py " + " ".join(sys.argv[1:])
-    res = {"command": command, "k": a.k, "indexes": rows, "machine": machine(), **load.record()}
+    res = {**provenance(load, a), "k": a.k, "indexes": rows}
+    command = res["command"]
     dim = int(np.prod(r0["map_shape"]))
     md = [f"# Neighbour search: {r0['n_tail']:,} tail maps against {r0['n_head']:,} head maps of "
-          f"{' x '.join(map(str, r0['map_shape']))} (k = {a.k}; one thread per search)", "", f"Command: `{command}`", "",
+          f"{' x '.join(map(str, r0['map_shape']))} (k = {a.k}; "
+          f"{'one thread' if a.threads == 1 else f'{a.threads} threads'} per search)", "", f"Command: `{command}`", "",
           "| index | wall (s) | peak RSS (MiB) | RSS before the search (MiB) | recall at k (against exact) | same nearest |",
           "|---|---|---|---|---|---|"]
     for ix, r in rows.items():

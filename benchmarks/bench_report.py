@@ -10,7 +10,6 @@ gallery as benchmarks/results/report-gallery.png and writes benchmarks/results/r
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -20,17 +19,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from _results import Load, write_results  # noqa: E402
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 from tailfuse.report import run_report  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=None)
     ap.add_argument("--run", required=True)
     ap.add_argument("--name", default="synthetic")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(HERE / "results"))
-    a = ap.parse_args()
+    a = parse(ap)
     os.environ["SE_OFFLINE"] = "true"
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -57,12 +55,12 @@ def main() -> int:
         cards, imgs = d.execute_script("return [document.querySelectorAll('.card').length, document.querySelectorAll('#gallery img').length]")
         d.execute_script("document.getElementById('overview').open = false")
         out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(str(out / "report-gallery.png"))
     finally:
         d.quit()
-    res = {"command": "python benchmarks/bench_report.py " + " ".join(sys.argv[1:]), "images_in_set": rep["n_items"],
-           "report_build_seconds": round(build, 1), "first_page_seconds": [round(x, 3) for x in times],
-           "first_page_cards": cards, "first_page_images": imgs, "machine": platform.platform(), **load.record()}
+    res = {**provenance(load, a), "images_in_set": rep["n_items"], "report_build_seconds": round(build, 1),
+           "first_page_seconds": [round(x, 3) for x in times], "first_page_cards": cards, "first_page_images": imgs}
     md = ["# Review report: time to the first gallery page in headless chromium", "", f"Command: `{res['command']}`", "",
           f"A set of {rep['n_items']} synthetic images (real ISIC2018-LT run, TAESD, 128 px). The report was written in "
           f"{build:.1f} s (thumbnails, maps, masks and scores made once; reused after). Opening index.html from disk to "

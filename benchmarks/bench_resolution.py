@@ -1,6 +1,6 @@
 """Image size against time: the same small ELPV run at --image-size 128 and 256 (the README's "Image size").
 
-    python benchmarks/bench_resolution.py --vae ../shared/models/taesd [--per-grade 40] [--threads 2]
+    python benchmarks/bench_resolution.py [--vae ../shared/models/taesd] [--per-grade 40] [--threads 2]
 
 For each size, in a fresh run folder: encode (ELPV images, 300 px originals, `per_grade` of each grade), train (one
 generation of 2 interaction epochs: the time per epoch scales with the latent grid, 16x16 at 128 px and 32x32 at
@@ -11,9 +11,6 @@ Run it alone: the times are wall-clock on a shared machine.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import platform
 import shutil
 import sys
@@ -23,6 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+
+from _results import Load, parse, parser, provenance, write_results  # noqa: E402
 
 
 def one_size(size: int, vae: str, per_grade: int, root: Path) -> dict:
@@ -55,16 +54,10 @@ def one_size(size: int, vae: str, per_grade: int, root: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vae", default=os.environ.get("TAILFUSE_VAE"))
+    ap = parser(__doc__, threads=2, vae=True)
     ap.add_argument("--per-grade", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results"))
-    a = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(a.threads)
-    load0 = os.getloadavg()
+    a = parse(ap)  # sets torch's thread count to --threads
+    load = Load()
     root = Path(tempfile.mkdtemp(prefix="tailfuse-res-"))
     try:
         rows = [one_size(s, a.vae, a.per_grade, root) for s in (128, 256)]
@@ -72,22 +65,16 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     keys = ("encode_s_per_image", "train_s_per_epoch", "fuse_decode_s_per_image")
     ratio = {k: rows[1][k] / rows[0][k] for k in keys}
-    res = {"command": f"python benchmarks/bench_resolution.py --vae {a.vae} --per-grade {a.per_grade} --threads "
-                      f"{a.threads}", "machine": platform.platform(), "threads": a.threads,
-           "load_average_start": load0, "load_average_end": os.getloadavg(), "rows": rows, "ratio_256_over_128": ratio}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "resolution.json").write_text(json.dumps(res, indent=2) + "\n")
+    res = {**provenance(load, a), "rows": rows, "ratio_256_over_128": ratio}
     md = ["# Image size against time (ELPV, TAESD, CPU)", "", f"Command: `{res['command']}`", "",
-          f"{platform.platform()}, {a.threads} torch threads; load average {load0[0]:.1f} at the start, "
-          f"{res['load_average_end'][0]:.1f} at the end. {rows[0]['n_images']} images; training per epoch over them.",
+          f"{platform.platform()}, {a.threads} torch threads; load average {load.start[0]:.1f} at the start, "
+          f"{res['load_average_at_end'][0]:.1f} at the end. {rows[0]['n_images']} images; training per epoch over them.",
           "", "| image size | encode (s / image) | train (s / epoch) | fuse + decode (s / image) |", "|---|---|---|---|"]
     md += [f"| {r['image_size']} | {r['encode_s_per_image']:.4f} | {r['train_s_per_epoch']:.2f} | "
            f"{r['fuse_decode_s_per_image']:.4f} |" for r in rows]
     md += [f"| 256 / 128 | {ratio['encode_s_per_image']:.1f}x | {ratio['train_s_per_epoch']:.1f}x | "
            f"{ratio['fuse_decode_s_per_image']:.1f}x |"]
-    (out / "resolution.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(a.out, "resolution", res, md)
     return 0
 
 

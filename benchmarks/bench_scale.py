@@ -11,7 +11,7 @@ configuration runs in a fresh copy of the run (the saliency maps are recomputed 
 Grad-CAM maps of every training latent, the neighbour index, --fuse-count fused latents) and `tailfuse decode` of
 --decode of them (with their fusion masks, so pixel detail, decode's default for a fused set, is on; --decode 0 times
 fuse alone), each as
-`tailfuse [--processes 2] ...` with OMP_NUM_THREADS=1. Peak RSS is read per process from /proc: its high-water mark
+`tailfuse [--processes 2] ...` with OMP_NUM_THREADS=1 (--threads). Peak RSS is read per process from /proc: its high-water mark
 VmHWM, polled every 0.2 s over the whole process tree (so only the last 0.2 s of a process can be missed). The
 neighbour index is the head pool's saliency maps (float32), whose size is stated. Writes
 benchmarks/results/scale[-<tag>].json and .md.
@@ -29,7 +29,6 @@ the segments' wall times, each segment's start-up and the shard a stop left unfi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -48,7 +47,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from _results import Load, machine, write_results  # noqa: E402
+from _results import Load, child_env, command_line, parse, parser, provenance, write_results  # noqa: E402
 from tailfuse.store import RunStore, save_tensors_atomic, write_csv_atomic, write_json_atomic  # noqa: E402
 
 
@@ -127,7 +126,7 @@ def build_run_subset(run: Path, dst: Path, n: int) -> Path:
 
 
 def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parent / "src")}
+    return {**child_env(threads), "PYTHONPATH": str(HERE.parent / "src")}
 
 
 def _tree_rss(pid: int) -> dict[int, int]:
@@ -190,14 +189,15 @@ def _clear_decode(run: Path) -> None:
 
 
 def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment: float | None = None,
-            dtype: str | None = None) -> dict | None:
+            dtype: str | None = None, threads: int = 1) -> dict | None:
     """Time `tailfuse decode` of the first ``count`` fused latents of ``run`` (a set of that size made from the fused
     one, with the fusion masks, so decode does what it does on any fused set: pixel detail on by default).
 
     ``segment`` (seconds): stop decode after that long (it keeps its finished shards and round trips) and return
     None; ``resume``: go on with a decode stopped so, instead of starting afresh. The timing is then the sum of the
     segments' wall times (each segment's start-up and any shard it left unfinished included), and every segment is
-    kept in ``run/dec-segments.json`` and in the result. ``dtype``: the VAE's (decode's --dtype; default float32)."""
+    kept in ``run/dec-segments.json`` and in the result. ``dtype``: the VAE's (decode's --dtype; default float32).
+    ``threads``: torch threads of each decode process."""
     from tailfuse.latentset import LatentSet
 
     log_file = run / "dec-segments.json"
@@ -227,8 +227,8 @@ def _decode(run: Path, pre: list[str], count: int, resume: bool = False, segment
 
     load0, before = os.getloadavg(), done()
     dec = timed([*pre, "decode", "--run", str(run), "--name", "dec", "--quiet", *(["--dtype", dtype] if dtype else [])],
-                _env(1), stop_after=segment)
-    segments.append({**dec, "command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]),
+                _env(threads), stop_after=segment)
+    segments.append({**dec, "command": command_line(),
                      "before": before, "after": done(), "load_average_at_start": load0,
                      "load_average_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_json_atomic(log_file, segments)
@@ -248,7 +248,7 @@ def _measure(a, work: Path, base: Path, p: int, per: int, n_fused: int) -> dict:
     pre = [sys.executable, "-m", "tailfuse"] + (["--processes", str(p)] if p > 1 else [])
     if a.fused_run:
         run = Path(a.fused_run)
-        dec = _decode(run, pre, a.decode, a.resume, a.segment, a.dtype)
+        dec = _decode(run, pre, a.decode, a.resume, a.segment, a.dtype, a.threads)
         return {"decode": {**dec, "fused_set_of": str(run)}} if dec else {}
     run = work / f"run-p{p}"
     shutil.rmtree(run, ignore_errors=True)
@@ -256,8 +256,8 @@ def _measure(a, work: Path, base: Path, p: int, per: int, n_fused: int) -> dict:
     for f in (run / "stages").glob("*"):
         if f.name.startswith(("saliency", "fuse", "decode")):
             shutil.rmtree(f) if f.is_dir() else f.unlink()
-    fuse = timed([*pre, "fuse", "--run", str(run), "--per-class", str(per), "--quiet"], _env(1))
-    dec = _decode(run, pre, a.decode, dtype=a.dtype) if a.decode else None
+    fuse = timed([*pre, "fuse", "--run", str(run), "--per-class", str(per), "--quiet"], _env(a.threads))
+    dec = _decode(run, pre, a.decode, dtype=a.dtype, threads=a.threads) if a.decode else None
     n_train = int((pd.read_csv(run / "samples.csv")["split"] == "train").sum())
     maps = RunStore(run).stage(next(k for k in RunStore(run).stages() if k.startswith("saliency")))
     n_head = int((pd.read_csv(next((run / "saliency").glob("*/maps.csv")))["role"] == "head").sum())
@@ -274,7 +274,8 @@ def _mib(rss: list[int], p: int) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=1,
+                threads_help="torch threads of each timed tailfuse process (OMP_NUM_THREADS) and of this one")
     ap.add_argument("--source", required=True, help="an encoded run (ISIC2018-LT, TAESD) whose latents are tiled")
     ap.add_argument("--work", required=True, help="scratch folder for the big runs")
     ap.add_argument("--n", type=int, default=50000)
@@ -290,9 +291,8 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="decode's VAE dtype (default float32)")
     ap.add_argument("--merge", action="append", default=[], metavar="JSON",
                     help="an earlier result file of this script whose figures join this table (repeatable)")
-    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix of the result files: scale-<tag>.json / .md")
-    a = ap.parse_args()
+    a = parse(ap)
     if a.fused_run and not a.decode:
         ap.error("--fused-run times decode alone: give --decode N (N >= 1)")
     if (a.segment or a.resume) and (not a.fused_run or "," in a.processes):
@@ -302,7 +302,7 @@ def main() -> int:
     train_small(base, work)
     tail = json.loads((base / "labels.json").read_text())["tail_labels"]
     per = max(1, a.fuse_count // len(tail))
-    command = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
+    command = command_line()
     load = Load()
     results: dict[int, dict] = {}
     for p in [int(x) for x in a.processes.split(",")]:
@@ -324,12 +324,11 @@ def main() -> int:
     results = dict(sorted(results.items()))
     r1, r2 = results.get(1, {}), results.get(2, {})
     speed = {k: round(r1[k]["seconds"] / r2[k]["seconds"], 2) for k in ("fuse", "decode") if k in r1 and k in r2}
-    res = {"command": command, "calls": calls, "results": results, "speedup_2_over_1": speed, "machine": machine(),
-           **load.record()}
+    res = {**provenance(load, a), "calls": calls, "results": results, "speedup_2_over_1": speed}
     n_dec = {r["decode"]["images"] for r in results.values() if "decode" in r}
     what = f", decode {', '.join(f'{x:,}' for x in sorted(n_dec))} of them" if n_dec else " (no decode: --decode 0)"
     md = [f"# Large run: fuse over {a.n:,} latents of 4 x 64 x 64{what} (processes: "
-          f"{', '.join(map(str, results))}; one thread each)", ""]
+          f"{', '.join(map(str, results))}; {'one thread' if a.threads == 1 else f'{a.threads} threads'} each)", ""]
     md += ([f"Command: `{command}`"] if len(calls) == 1 else
            ["Made in parts (each stage's figures carry their call in the JSON); the calls and their load averages:", ""]
            + [f"- `{c['command']}`: {Load(c['load_average_at_start']).footer(c['load_average_at_end'])}." for c in calls])

@@ -1,6 +1,6 @@
 """Iterated-learning benchmark: `tailfuse train` with default settings, and the --no-imitation ablation.
 
-    python benchmarks/bench_train.py --data ../shared/data/isic2018_lt/manifest.csv --vae ../shared/models/taesd
+    python benchmarks/bench_train.py [--data ../shared/data/isic2018_lt/manifest.csv] [--vae ../shared/models/taesd]
 
 Encodes the data into --run (default runs/bench-isic; skipped when done), trains the default model and the
 --no-imitation model (each timed, in a subprocess: `tailfuse train --run <run> [--no-imitation]`), then writes
@@ -10,7 +10,6 @@ decoded PSNR. Bars (issue 3): sparsity >= 0.7, recon_rel_l1 <= 0.5, recon_rel_l1
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -19,44 +18,40 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _results import Load, child_env, parse, parser, provenance, write_results  # noqa: E402
 
 
-def tailfuse(*args: str) -> float:
+def tailfuse(*args: str, env: dict | None = None) -> float:
     t = time.time()
-    subprocess.run([sys.executable, "-m", "tailfuse", *args, "--quiet"], check=True)
+    subprocess.run([sys.executable, "-m", "tailfuse", *args, "--quiet"], check=True, env=env)
     return time.time() - t
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--vae", required=True)
+    ap = parser(__doc__, threads=None, vae=True, data="isic2018_lt/manifest.csv", data_help="a manifest",
+                threads_help="torch threads of this process, and OMP_NUM_THREADS of the tailfuse commands it runs")
     ap.add_argument("--run", default="runs/bench-isic")
     ap.add_argument("--tag", default="isic2018_lt")
-    ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--skip-train", action="store_true", help="only (re)write the tables from finished runs")
-    args = ap.parse_args()
+    args = parse(ap)
+    env = child_env(args.threads)
 
-    enc_s = tailfuse("encode", "--data", args.data, "--vae", args.vae, "--run", args.run)
+    load = Load()
+    enc_s = tailfuse("encode", "--data", args.data, "--vae", args.vae, "--run", args.run, env=env)
     secs = {}
     for name, extra in (("train", []), ("train-no-imitation", ["--no-imitation"])):
         if not args.skip_train:
-            secs[name] = tailfuse("train", "--run", args.run, *extra)
+            secs[name] = tailfuse("train", "--run", args.run, *extra, env=env)
     run = Path(args.run)
-    result = {"command": f"python benchmarks/bench_train.py --data {args.data} --vae {args.vae} --run {args.run}",
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "encode_seconds_this_call": round(enc_s, 1), "models": {}}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    result = {**provenance(load, args), "encode_seconds_this_call": round(enc_s, 1), "models": {}}
     for name in ("train", "train-no-imitation"):
         rec = json.loads((run / "stages" / f"{name}.json").read_text())
         rows = [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()]
         result["models"][name] = {"train_seconds": rec["seconds"], "wall_seconds_this_call": round(secs.get(name, 0), 1),
                                   "init": rec.get("init"), "generations": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"train-{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-
     md = [f"# train benchmark: {args.tag}", "", f"Command: `{result['command']}`", "",
-          f"Machine: {result['machine']}. Metrics on the val split; recon = mean |D(code) - z| / mean |mu - z| "
+          f"Machine: {machine}. Metrics on the val split; recon = mean |D(code) - z| / mean |mu - z| "
           "(mu: per-element mean train latent); sparsity = mean largest channel probability.", ""]
     md += ["## Last generation", "",
            "| model | sparsity | entropy | recon soft | recon hard | recon spliced | val mAP | imitation agreement | codes used | PSNR soft / hard / mean-latent (dB) | train time (s) |",
@@ -81,8 +76,8 @@ def main() -> None:
     for name, m in result["models"].items():
         ap = m["generations"][-1]["val_ap"]
         md.append(f"| {name} | " + " | ".join("-" if ap[l] is None else f"{ap[l]:.3f}" for l in labels) + " |")
-    (out / f"train-{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md += ["", f"{platform.platform()}; {load.footer()}."]
+    write_results(args.out, f"train-{args.tag}", result, md)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from _results import command_line, commit_line, git_state  # noqa: E402  (benchmarks/, beside this script)
 from tailfuse.evaluation.config import EvaluateConfig  # noqa: E402
 from tailfuse.evaluation.harness import MAIN, load_scores, tail_delta  # noqa: E402
 
@@ -104,13 +104,14 @@ def main() -> int:
     rows = pair_rows(raw, cfg, parse_pairs(a.pairs), a.metric)
     md = pairs_markdown(rows, res.get("quality"))
     print(md)
-    cmd = "python benchmarks/compare_arms.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    cmd, git = command_line(), git_state()
     if a.out:
         old = a.out.read_text().rstrip("\n") + "\n\n" if a.out.is_file() else ""
-        a.out.write_text(old + md + f"\nMade by `{cmd}`.\n")
+        made_at = commit_line(git)
+        a.out.write_text(old + md + f"\nMade by `{cmd}`." + (f" {made_at}" if made_at else "") + "\n")
     if a.json:
         doc = json.loads(a.json.read_text()) if a.json.is_file() else {}
-        doc["pairs" if a.metric == "map_tail" else f"pairs_{a.metric}"] = {"command": cmd, "rows": rows}
+        doc["pairs" if a.metric == "map_tail" else f"pairs_{a.metric}"] = {"command": cmd, **git, "rows": rows}
         a.json.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     return 0
 

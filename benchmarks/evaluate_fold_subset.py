@@ -24,32 +24,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import torch  # noqa: E402
-
 from tailfuse.evaluation.cli_args import add_evaluate_parser, evaluate_config  # noqa: E402
 from tailfuse.evaluation.folds import pool  # noqa: E402
 from tailfuse.evaluation.harness import _write, evaluate_split, save_scores, summarise, validate  # noqa: E402
-from tailfuse.store import RunStore  # noqa: E402
+from tailfuse.store import RunStore, write_json_atomic  # noqa: E402
 
-from compare_arms import pair_rows, pairs_markdown, parse_pairs  # noqa: E402  (benchmarks/, beside this script)
+from _results import Load, commit_line, parse, parser, provenance  # noqa: E402  (benchmarks/, beside this script)
+from compare_arms import pair_rows, pairs_markdown, parse_pairs  # noqa: E402
 
 
 def main() -> int:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=1, out=False)
     ap.add_argument("out")
     ap.add_argument("--folds-dir", required=True)
     ap.add_argument("--only", required=True, help="comma-separated fold indices, e.g. 0,1,2")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", default="", help="A:B;C:D (';' between pairs: arm names may hold commas): tail-mAP differences arm A - arm B on the pooled predictions")
-    a = ap.parse_args(argv[:cut])
+    a = parse(ap, argv[:cut])  # sets torch's thread count to --threads
+    load = Load()
     p = argparse.ArgumentParser()
     add_evaluate_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["evaluate", *argv[cut + 1:]])
     cfg = evaluate_config(args)
     specs = validate(cfg)
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
     inner = replace(cfg, folds=None)
     raws = []
@@ -71,11 +69,17 @@ def main() -> int:
     pooled = pool(raws, len(raws), cfg)
     save_scores(pooled, out / "pooled")
     results = _write(summarise(pooled, cfg, specs), out / "pooled")
+    md = out / "pooled" / "results.md"
     if a.pairs:
         rows = pair_rows(pooled, cfg, parse_pairs(a.pairs))
         (out / "pooled" / "pairs.json").write_text(json.dumps(rows, indent=1))
-        md = out / "pooled" / "results.md"
         md.write_text(md.read_text().rstrip("\n") + "\n\n" + pairs_markdown(rows, results.get("quality")))
+    # what made the pooled tables (as bench_evaluate.py records it): under "benchmark", beside the evaluation's own
+    results["benchmark"] = provenance(load, a)
+    write_json_atomic(out / "pooled" / "results.json", results)
+    made_at = commit_line(results["benchmark"])
+    md.write_text(md.read_text().rstrip("\n") + f"\n\nMade by `{results['benchmark']['command']}`."
+                  + (f" {made_at}" if made_at else "") + "\n")
     print(f"pooled folds {a.only}: {out / 'pooled' / 'results.md'}")
     return 0
 

@@ -47,8 +47,12 @@ VOLATILE = {"created_at", "timings", "seconds", "finished_at", "started_at", "ru
             "plots"}
 
 
+# torch threads of every tailfuse process the harness starts (bench_faults.py --threads sets it)
+THREADS = 2
+
+
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}
 
 
 def command(stage: str, run: Path, manifest: Path, vae: Path, config: Path) -> list[str]:

@@ -12,7 +12,6 @@ collects after every shard, see release_memory in tailfuse/fusion/saliency.py). 
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import threading
@@ -21,9 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import torch  # noqa: E402
-
 import tailfuse.fusion.stage as fs  # noqa: E402
+from _results import commit_line, parse, parser, provenance  # noqa: E402  (benchmarks/, beside this script)
 from tailfuse.config import FuseConfig  # noqa: E402
 from tailfuse.fusion.saliency import release_memory  # noqa: E402
 
@@ -37,12 +35,11 @@ def rss_mb() -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=1, out=False)  # prints its figures; writes no result file
     ap.add_argument("run")
     ap.add_argument("--trim", action="store_true")
     ap.add_argument("--per-class", type=int, default=125)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
+    a = parse(ap)  # sets torch's thread count to --threads
     samples: list[tuple[float, int]] = []
     marks: list[tuple[str, float]] = []
     stop = threading.Event()
@@ -82,6 +79,8 @@ def main() -> int:
         seg = [r for t, r in samples if t1 <= t <= t2]
         print(f"{n1:>18} -> {n2:<18} {t2 - t1:7.1f} s   peak RSS {max(seg) if seg else '-'} MB")
     print(f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB (trim: {a.trim})")
+    p = provenance(None, a)
+    print(f"Command: {p['command']} ({a.threads} torch thread(s)). {commit_line(p) or ''}")
     return 0
 
 

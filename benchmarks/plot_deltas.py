@@ -5,7 +5,8 @@
         --control real --out benchmarks/results/evaluate-isic2018_lt-5fold-partial-deltas.png
 
 Reads only the results.json that `tailfuse evaluate` (or bench_evaluate.py) wrote: the differences and intervals are
-the tables' own. The decision metric is balanced accuracy on multi-class data, macro-F1 on multi-label data.
+the tables' own. The decision metric is balanced accuracy on multi-class data, macro-F1 on multi-label data. The
+PNG's Description field holds the command and commit that made it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from compare_arms import METRIC_NAMES  # noqa: E402  (benchmarks/, beside this script)
+from _results import command_line, commit_line, git_state  # noqa: E402  (benchmarks/, beside this script)
+from compare_arms import METRIC_NAMES  # noqa: E402
 
 
 def rows(res: dict, control: str, metric: str) -> list[tuple[str, float, float, float]]:
@@ -70,7 +72,8 @@ def main() -> int:
                  f"arm minus {a.control}")
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.out, dpi=110)
+    made = " ".join(x for x in (f"Made by {command_line()}.", commit_line(git_state())) if x)
+    fig.savefig(a.out, dpi=110, metadata={"Description": made})  # the PNG says what made it (a tEXt chunk)
     print(a.out)
     return 0
 
