@@ -21,8 +21,8 @@ def __getattr__(name):  # the API imports torch and friends: only when asked for
         from . import api
 
         return getattr(api, name)
-    if name == "datasets":
-        from . import datasets
+    if name == "datasets":  # import_module: `from . import datasets` would ask this __getattr__ again, endlessly
+        import importlib
 
-        return datasets
+        return importlib.import_module(".datasets", __name__)
     raise AttributeError(f"module 'tailfuse' has no attribute {name!r}")

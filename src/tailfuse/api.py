@@ -188,6 +188,16 @@ class TailFuseSampler(BaseSampler):
             raise ValueError(f"sampling_strategy={s!r}: give a str, float, dict or callable.")
 
     def fit_resample(self, X, y, **params):
+        """The real rows followed by the new ones, in the form ``X`` came in, and their targets.
+
+        Args:
+            X: image paths, PIL images, an image array, latents (``input="latents"``) or feature vectors.
+            y: a label vector (multi-class) or a 0/1 label matrix (multi-label).
+
+        Returns:
+            ``(X_resampled, y_resampled)``. Sets ``sampling_strategy_``, ``provenance_`` and, when new samples were
+            made, ``run_``.
+        """
         self._check_params()
         kind = _input_kind(X, self.input)
         Y, classes, multi, yfmt = _targets(y)

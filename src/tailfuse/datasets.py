@@ -30,6 +30,28 @@ from .store import RunStore
 
 
 class AugmentedImageDataset(Dataset):
+    """Real training images plus a run's synthetic ones; items are ``(image, labels, is_synthetic)``.
+
+    Args:
+        run: the run folder (encoded, with the decoded set ``name``).
+        name: the decoded synthetic set (default ``synthetic``).
+        split: the split of the real images served (default ``train``; ``None`` or ``""``: every split).
+        real: a manifest or image folder to take the real images from instead of the run's own input (restricted to
+            ``split`` when it has a split column), labelled in the run's label order.
+        reviewed: ``"auto"``: the set's accepted images when ``tailfuse review`` has recorded decisions, else all;
+            ``True``: the accepted images (an error when there is no review); ``False``: all of them.
+        synthetic_ratio: the dataset holds the real images and this many times as many synthetic ones, drawn once
+            (seeded); at most the whole set.
+        synthetic_prob: instead, each access to a real item returns, with this probability, a synthetic image
+            carrying one of its labels, when there is one (DA-Fusion / Diff-Mix style replacement).
+        transform: applied to the PIL image (e.g. a torchvision transform); without it the image is a
+            3 x S x S float tensor in [0, 1] at the run's image size.
+        seed: seed of the draws.
+
+    With neither ``synthetic_ratio`` nor ``synthetic_prob``, every synthetic image is added once. Labels are a float
+    vector in the run's label order: soft targets when the set has ``soft_<label>`` columns, else 0/1.
+    """
+
     def __init__(self, run: str, name: str = "synthetic", split: str = "train", real: str | None = None,
                  reviewed: str | bool = "auto", synthetic_ratio: float | None = None, synthetic_prob: float | None = None,
                  transform=None, seed: int = 0):
