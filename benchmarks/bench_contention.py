@@ -44,11 +44,15 @@ STAGES = {
 }
 
 
-def tailfuse(args: list[str], threads: int | None = None, env: dict | None = None) -> float:
+def tailfuse(args: list[str], threads: int | None = None, env: dict | None = None, cap: float | None = None) -> float | None:
+    """The command's wall time; None when it ran past ``cap`` seconds (it is then stopped)."""
     t = time.time()
     extra = ["--threads", str(threads)] if threads else []
-    subprocess.run([sys.executable, "-m", "tailfuse", *args, *extra, "--quiet"], check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    try:
+        subprocess.run([sys.executable, "-m", "tailfuse", *args, *extra, "--quiet"], check=True, timeout=cap,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    except subprocess.TimeoutExpired:
+        return None
     return time.time() - t
 
 
@@ -100,9 +104,10 @@ def _stage_records(run: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (run / "stages").glob("*.json")}
 
 
-def time_stage(stage: str, runs: dict[str, Path], scratch: Path, threads: int | None) -> tuple[float, float | None]:
-    """The command's wall time (process start included) and the seconds its new stage records report (None for
-    commands without a stage record: evaluate, report)."""
+def time_stage(stage: str, runs: dict[str, Path], scratch: Path, threads: int | None,
+               cap: float | None = None) -> tuple[float | None, float | None]:
+    """The command's wall time (process start included; None past ``cap``) and the seconds its new stage records
+    report (None for commands without a stage record: evaluate, report)."""
     args, source = STAGES[stage]
     run = scratch / f"{stage}-run"
     shutil.rmtree(run, ignore_errors=True)
@@ -111,7 +116,9 @@ def time_stage(stage: str, runs: dict[str, Path], scratch: Path, threads: int | 
         shutil.rmtree(run / "synthetic" / "report", ignore_errors=True)
     before = set(_stage_records(run))
     try:
-        wall = tailfuse([args[0], "--run", str(run), *args[1:]], threads)
+        wall = tailfuse([args[0], "--run", str(run), *args[1:]], threads, cap=cap)
+        if wall is None:
+            return None, None
         new = [r for k, r in _stage_records(run).items() if k not in before and "seconds" in r]
         return wall, (round(sum(float(r["seconds"]) for r in new), 1) if new else None)
     finally:
@@ -128,6 +135,8 @@ def main() -> int:
                     "default)")
     ap.add_argument("--competitors", default="none,numpy1,numpy2")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--cap", type=float, default=240, help="stop a stage after this many seconds and record it as "
+                    "'over CAP s' (default 240)")
     ap.add_argument("--stem", default="contention")
     a = parse(ap)
     load = Load()
@@ -137,18 +146,25 @@ def main() -> int:
     rows = []
     for stage in a.stages.split(","):
         for th in [int(x) for x in a.stage_threads.split(",")]:
-            alone = None
+            alone = alone_wall = None
             for comp in a.competitors.split(","):
                 for rep in range(a.repeats):
                     l0 = os.getloadavg()[0]
                     p = start_competitor(comp)
                     try:
-                        wall, inner = time_stage(stage, runs, scratch, th or None)
+                        wall, inner = time_stage(stage, runs, scratch, th or None, a.cap)
                     finally:
                         stop(p)
+                    if wall is None:  # stopped at the cap: the slowdown is at least cap / alone
+                        rows.append({"stage": stage, "threads": th or "default", "competitor": comp, "repeat": rep,
+                                     "seconds": None, "wall_seconds": f">{a.cap:g}",
+                                     "slowdown": f">{a.cap / alone_wall:.1f}" if alone_wall else None,
+                                     "load_1min_at_start": round(l0, 2)})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
                     s = inner if inner is not None else wall  # the stage's own seconds where it records them
                     if comp == "none" and alone is None:
-                        alone = s
+                        alone, alone_wall = s, wall
                     rows.append({"stage": stage, "threads": th or "default", "competitor": comp, "repeat": rep,
                                  "seconds": round(s, 1), "wall_seconds": round(wall, 1),
                                  "slowdown": round(s / alone, 2) if alone else None,
@@ -162,12 +178,13 @@ def main() -> int:
           f"A {a.n}-image ISIC2018-LT subset at 128 px. Competitors: a numpy matrix-product loop on 1 or 2 threads, "
           "started as a job of its own. Seconds: the stage records' own (train, fuse, train-prior), else the command's "
           "wall time (evaluate, report; process start included). Slowdown: seconds beside the competitor / seconds "
-          "alone at the same thread count; a fair share of 2 cores with one competitor is 2x.", "",
+          "alone at the same thread count; a fair share of 2 cores with one competitor is 2x. A stage still running after "
+          f"{a.cap:g} s was stopped: its slowdown is at least {a.cap:g} s over its wall time alone.", "",
           "| stage | threads | competitor | seconds | wall seconds | slowdown | load at start |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['stage']} | {r['threads']} | {r['competitor']} | {r['seconds']} | {r['wall_seconds']} | "
-                  f"{r['slowdown']}x | {r['load_1min_at_start']} |")
+        md.append(f"| {r['stage']} | {r['threads']} | {r['competitor']} | {r['seconds'] if r['seconds'] is not None else '–'} | "
+                  f"{r['wall_seconds']} | {r['slowdown']}x | {r['load_1min_at_start']} |")
     md += ["", f"{res['machine']['platform']}, {res['machine']['cpus']} CPUs; autogroup scheduling "
            f"{res['sched_autogroup']}; {load.footer()}."]
     write_results(a.out, a.stem, res, md)
