@@ -105,9 +105,9 @@ def _stage_records(run: Path) -> dict[str, dict]:
 
 
 def time_stage(stage: str, runs: dict[str, Path], scratch: Path, threads: int | None,
-               cap: float | None = None) -> tuple[float | None, float | None]:
-    """The command's wall time (process start included; None past ``cap``) and the seconds its new stage records
-    report (None for commands without a stage record: evaluate, report)."""
+               cap: float | None = None) -> tuple[float | None, float | None, list | None]:
+    """The command's wall time (process start included; None past ``cap``), the seconds its new stage records report
+    (None for commands without a stage record: evaluate, report) and the thread counts they record having used."""
     args, source = STAGES[stage]
     run = scratch / f"{stage}-run"
     shutil.rmtree(run, ignore_errors=True)
@@ -118,11 +118,36 @@ def time_stage(stage: str, runs: dict[str, Path], scratch: Path, threads: int | 
     try:
         wall = tailfuse([args[0], "--run", str(run), *args[1:]], threads, cap=cap)
         if wall is None:
-            return None, None
+            return None, None, None
         new = [r for k, r in _stage_records(run).items() if k not in before and "seconds" in r]
-        return wall, (round(sum(float(r["seconds"]) for r in new), 1) if new else None)
+        used = sorted({n for r in new for n in ((r.get("runtime") or {}).get("threads_used")
+                                                or [(r.get("runtime") or {}).get("threads")]) if n})
+        return wall, (round(sum(float(r["seconds"]) for r in new), 1) if new else None), used or None
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """Per stage: idle speed of the default against --threads 2 (the count before), and the worst slowdowns."""
+    out = ["", "Per stage: the default's time alone against `--threads 2` (before the stages adapted), and the worst "
+           "wall slowdown beside a competitor at each setting.", "",
+           "| stage | alone, default (s) | alone, --threads 2 (s) | idle change | worst slowdown, default | "
+           "worst slowdown, --threads 2 |", "|---|---|---|---|---|---|"]
+
+    def worst(stage, th):
+        vals = [r["wall_slowdown"] for r in rows if r["stage"] == stage and r["threads"] == th
+                and r["competitor"] != "none" and r["wall_slowdown"] is not None]
+        capped = [v for v in vals if isinstance(v, str)]
+        return (max(capped, key=lambda v: float(v[1:])) + "x") if capped else (f"{max(vals)}x" if vals else "–")
+
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        alone = {r["threads"]: r["wall_seconds"] for r in rows if r["stage"] == stage and r["competitor"] == "none"
+                 and r["repeat"] == 0 and not isinstance(r["wall_seconds"], str)}
+        d, t2 = alone.get("default"), alone.get(2)
+        change = f"{(d / t2 - 1) * 100:+.0f} %" if d and t2 else "–"
+        out.append(f"| {stage} | {d or '–'} | {t2 or '–'} | {change} | {worst(stage, 'default')} | "
+                   f"{worst(stage, 2)} |")
+    return out
 
 
 def main() -> int:
@@ -131,8 +156,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=340, help="images in the small run (default 340)")
     ap.add_argument("--work", default="runs/bench-contention", help="where the prepared run and copies go")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {','.join(STAGES)}")
-    ap.add_argument("--stage-threads", default="0,1", help="the stages' thread counts to time (0: no --threads, the "
-                    "default)")
+    ap.add_argument("--stage-threads", default="0,2", help="the stages' thread counts to time (0: no --threads, the "
+                    "default; 2 on a 2-core machine is what the default was before the stages adapted their count)")
     ap.add_argument("--competitors", default="none,numpy1,numpy2")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--cap", type=float, default=240, help="stop a stage after this many seconds and record it as "
@@ -152,14 +177,15 @@ def main() -> int:
                     l0 = os.getloadavg()[0]
                     p = start_competitor(comp)
                     try:
-                        wall, inner = time_stage(stage, runs, scratch, th or None, a.cap)
+                        wall, inner, used = time_stage(stage, runs, scratch, th or None, a.cap)
                     finally:
                         stop(p)
                     if wall is None:  # stopped at the cap: the slowdown is at least cap / alone
                         rows.append({"stage": stage, "threads": th or "default", "competitor": comp, "repeat": rep,
                                      "seconds": None, "wall_seconds": f">{a.cap:g}",
-                                     "slowdown": f">{a.cap / alone_wall:.1f}" if alone_wall else None,
-                                     "load_1min_at_start": round(l0, 2)})
+                                     "slowdown": None,
+                                     "wall_slowdown": f">{a.cap / alone_wall:.1f}" if alone_wall else None,
+                                     "threads_used": None, "load_1min_at_start": round(l0, 2)})
                         print(json.dumps(rows[-1]), flush=True)
                         continue
                     s = inner if inner is not None else wall  # the stage's own seconds where it records them
@@ -168,7 +194,8 @@ def main() -> int:
                     rows.append({"stage": stage, "threads": th or "default", "competitor": comp, "repeat": rep,
                                  "seconds": round(s, 1), "wall_seconds": round(wall, 1),
                                  "slowdown": round(s / alone, 2) if alone else None,
-                                 "load_1min_at_start": round(l0, 2)})
+                                 "wall_slowdown": round(wall / alone_wall, 2) if alone_wall else None,
+                                 "threads_used": used, "load_1min_at_start": round(l0, 2)})
                     print(json.dumps(rows[-1]), flush=True)
     autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     res = {"rows": rows, "sched_autogroup": autogroup.read_text().strip() if autogroup.exists() else None,
@@ -176,15 +203,23 @@ def main() -> int:
     md = ["# Stage speed alone and beside one competing CPU-bound job (issue 28)", "",
           f"Command: `{res['command']}`", "",
           f"A {a.n}-image ISIC2018-LT subset at 128 px. Competitors: a numpy matrix-product loop on 1 or 2 threads, "
-          "started as a job of its own. Seconds: the stage records' own (train, fuse, train-prior), else the command's "
-          "wall time (evaluate, report; process start included). Slowdown: seconds beside the competitor / seconds "
-          "alone at the same thread count; a fair share of 2 cores with one competitor is 2x. A stage still running after "
-          f"{a.cap:g} s was stopped: its slowdown is at least {a.cap:g} s over its wall time alone.", "",
-          "| stage | threads | competitor | seconds | wall seconds | slowdown | load at start |",
-          "|---|---|---|---|---|---|---|"]
+          "started as a job of its own. Threads: `default` is no `--threads` (the stages adapt their count to the CPUs "
+          "other jobs leave free); 2 is `--threads 2`, a fixed count, which on this 2-core machine is what every stage "
+          "ran with before they adapted (torch's default; the BLAS's own default too). Seconds: the stage records' "
+          "own (train, fuse, train-prior), else the command's wall time (evaluate, report); wall seconds: the whole "
+          "command, process start included. Slowdown: beside the competitor / alone at the same thread setting; a fair "
+          "share of 2 cores with one competitor is 2x. Threads used: the counts the stage records it ran with. A stage "
+          f"still running after {a.cap:g} s was stopped: its wall slowdown is at least {a.cap:g} s over its wall time "
+          "alone.", "",
+          "| stage | threads | competitor | seconds | wall seconds | slowdown | wall slowdown | threads used | load at start |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    dash = "–"
     for r in rows:
-        md.append(f"| {r['stage']} | {r['threads']} | {r['competitor']} | {r['seconds'] if r['seconds'] is not None else '–'} | "
-                  f"{r['wall_seconds']} | {r['slowdown']}x | {r['load_1min_at_start']} |")
+        md.append(f"| {r['stage']} | {r['threads']} | {r['competitor']} | "
+                  f"{r['seconds'] if r['seconds'] is not None else dash} | {r['wall_seconds']} | "
+                  f"{str(r['slowdown']) + 'x' if r['slowdown'] is not None else dash} | {r['wall_slowdown']}x | "
+                  f"{','.join(map(str, r['threads_used'] or [])) or dash} | {r['load_1min_at_start']} |")
+    md += _summary(rows)
     md += ["", f"{res['machine']['platform']}, {res['machine']['cpus']} CPUs; autogroup scheduling "
            f"{res['sched_autogroup']}; {load.footer()}."]
     write_results(a.out, a.stem, res, md)

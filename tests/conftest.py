@@ -30,16 +30,26 @@ def _need(path: Path, what: str) -> Path:
     pytest.skip(msg)
 
 
+def _two_threads():
+    """Two threads, chosen (as ``--threads 2`` would): stages that adapt their count to the load (tailfuse.threads)
+    keep it, so a test's results do not depend on what else the machine runs. A model trained with 1 thread differs in
+    its last bits from one trained with 2, and the resume tests compare weights bit for bit."""
+    from tailfuse import threads
+
+    threads._explicit = 2
+    torch.set_num_threads(2)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_threads():
-    """Two threads from the start, so module fixtures (trained before any test's own fixture) run like the tests do,
-    whatever OMP_NUM_THREADS says: a model trained with 1 thread differs in its last bits from one trained with 2."""
-    torch.set_num_threads(2)
+    """From the start, so module fixtures (trained before any test's own fixture) run like the tests do, whatever
+    OMP_NUM_THREADS says."""
+    _two_threads()
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    _two_threads()
     yield
 
 

@@ -127,6 +127,69 @@ def test_checkpoints_metrics_info_and_reload(tmp_path, encoded, capsys):
     assert "--threads 0: give at least 1" in capsys.readouterr().err
 
 
+def _busy_process():
+    """One CPU-bound process of its own (its own session, as another user's job would be)."""
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    time.sleep(0.5)
+    return p
+
+
+def test_free_cpus_see_another_job():
+    from tailfuse.threads import _FreeCpus, cpus_allowed
+
+    import time
+
+    def free_over(seconds):
+        f = _FreeCpus()
+        time.sleep(seconds)
+        return f.since_last()
+
+    idle = free_over(1.0)
+    if idle is None:
+        pytest.skip("no /proc/stat: the free CPUs cannot be read on this system")
+    p = _busy_process()
+    try:
+        busy = free_over(1.0)
+    finally:
+        p.kill()
+        p.wait()
+    assert 0 <= busy <= cpus_allowed() and 0 <= idle <= cpus_allowed()
+    assert busy < idle - 0.5, (idle, busy)  # one busy process takes about one CPU away
+
+
+def test_train_adapts_its_threads_to_another_job_unless_chosen(tmp_path, encoded, monkeypatch):
+    from tailfuse import threads
+
+    if threads.cpus_allowed() < 2:
+        pytest.skip("needs 2 CPUs to have a count to adapt")
+    monkeypatch.setattr(threads, "_explicit", None)  # no --threads: the stage chooses
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    p = _busy_process()
+    try:
+        for name in ("adaptive", "chosen"):
+            run = tmp_path / name
+            shutil.copytree(encoded, run)
+            if name == "chosen":
+                monkeypatch.setattr(threads, "_explicit", 2)  # --threads 2: kept, whatever the load
+            torch.set_num_threads(2)
+            run_train(str(run), _cfg(generations=1, epochs=2, imitation_epochs=1), **QUIET)
+            assert torch.get_num_threads() == 2  # the count before the stage is restored after it
+            runtime = json.loads((run / "stages" / "train.json").read_text())["runtime"]
+            if name == "adaptive":  # beside one busy process, on fewer threads than allowed CPUs
+                assert runtime["threads"] <= threads.cpus_allowed() - 1
+                assert max(runtime["threads_used"]) <= threads.cpus_allowed() - 1, runtime
+                assert run_info(str(run))["stages"]["train"]["threads_used"] == runtime["threads_used"]
+            else:
+                assert runtime["threads"] == 2 and "threads_used" not in runtime
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_no_imitation_ablation_is_kept_beside_the_default(tmp_path, encoded):
     run = tmp_path / "run"
     shutil.copytree(encoded, run)

@@ -32,6 +32,8 @@ def run_info(run: str) -> dict:
         rt = rec.get("runtime") or {}
         if rt:  # what the stage ran with, so a slow stage can explain itself
             s["threads"] = rt.get("threads")
+            if rt.get("threads_used"):  # an adaptive stage: the counts it went through as other jobs came and went
+                s["threads_used"] = rt["threads_used"]
             if rt.get("load_average_at_start"):
                 s["load_at_start"] = rt["load_average_at_start"][0]
         out["stages"][name] = s

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .threads import adapt
+
 GU_RATIO = 1 / 3
 DEFAULT_QUANTILE = 0.02
 FLAT = 0.02  # a window whose grey standard deviation is below this (0..1 scale) is not compared
@@ -85,6 +87,7 @@ def region_distances(images01: torch.Tensor, ref_desc: torch.Tensor, ref_ok: tor
     windows with texture in both, and over the query's shifts); inf where no window can be compared."""
     best = torch.full((len(images01), len(ref_desc)), math.inf)
     for v in _shifted(images01):
+        adapt()  # follow the CPUs other jobs leave free (tailfuse.threads)
         q, qok = describe(v)
         for w in range(q.shape[1]):
             d = torch.cdist(q[:, w].double(), ref_desc[:, w].double()).float()

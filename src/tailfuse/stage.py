@@ -159,6 +159,11 @@ class Stage:
             self.record["seconds"] = round(sum(float(v.get("seconds", 0)) for v in sh.values())
                                            + float(fields.pop("extra_seconds", 0.0)), 2)
         self.record.update(status="done", finished_at=now(), **fields)
+        from .threads import adapted_counts
+
+        counts = adapted_counts()
+        if counts and isinstance(self.record.get("runtime"), dict):  # an adaptive stage: the counts it went through
+            self.record["runtime"]["threads_used"] = counts
         if self.dist.is_main:
             self.store.write_stage(self.name, self.record)
         self.dist.barrier()

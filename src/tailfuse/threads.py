@@ -4,6 +4,13 @@ The count, in order of precedence: ``--threads N`` (every command takes it), the
 itself), then torch's default: the cores of the machine. With ``--processes N`` and neither given, each process takes
 its share of the CPUs this process may use (``os.sched_getaffinity``). Inter-op threads follow the same count.
 
+Stages made of many small operations (the sparse model's training, the prior's, the evaluation's classifiers, the
+report's features) adapt the count while they run when the user chose none (``adaptive``): every second or so they
+read how much of the allowed CPUs other processes used, and run on the CPUs left free (at least one). With more
+threads than free cores, each small operation waits at its end for a thread that another job holds: on a 2-core
+machine beside one other CPU-bound job, ``train`` ran many times slower on two threads than on one, while on an idle
+machine two threads are about a third faster (benchmarks/results/contention.md).
+
 Every stage records the count it ran with, the CPUs it could use and the load average when it started
 (``runtime`` in ``<run>/stages/<stage>.json``; ``tailfuse info`` shows them), so a slow run can explain itself: on a
 2-core machine beside another CPU-bound job, the small networks of ``train`` slowed down many times (issue 28).
@@ -11,7 +18,9 @@ Every stage records the count it ran with, the CPUs it could use and the load av
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import torch
 
@@ -63,3 +72,130 @@ def runtime_record() -> dict:
     return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "cpus_allowed": cpus_allowed(), "load_average_at_start": load}
 
+
+
+# --- adapting the count to the CPUs other processes leave free
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_seconds(cpus: set[int]) -> float | None:
+    """CPU seconds the given CPUs spent busy since boot (all processes; steal counts as busy), from /proc/stat; None
+    where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            lines = [ln.split() for ln in f if ln.startswith("cpu") and not ln.startswith("cpu ")]
+    except OSError:
+        return None
+    busy = 0
+    for parts in lines:
+        if int(parts[0][3:]) in cpus:
+            v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+            busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+    return busy / _CLK_TCK
+
+
+class _FreeCpus:
+    """How many of this process's allowed CPUs other processes left free since the previous reading."""
+
+    def __init__(self):
+        try:
+            self.cpus = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cpus = set(range(os.cpu_count() or 1))
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, float] | None:
+        busy = _busy_seconds(self.cpus)
+        return None if busy is None else (time.monotonic(), busy, time.process_time())
+
+    def since_last(self) -> float | None:
+        """Free CPUs over the time since the previous call (None: unknown, or too short a time to tell)."""
+        now = self._read()
+        if now is None or self._last is None or now[0] - self._last[0] < 0.05:
+            return None
+        (t0, b0, own0), (t1, b1, own1) = self._last, now
+        self._last = now
+        others = max(0.0, (b1 - b0) - (own1 - own0)) / (t1 - t0)  # busy seconds that were not this process's
+        return max(0.0, len(self.cpus) - others)
+
+
+class _Governor:
+    def __init__(self, interval: float):
+        self.interval, self.free = interval, _FreeCpus()
+        self.next = 0.0
+        self.counts: list[int] = []
+        self.blas_before: dict = {}  # BLAS library path -> (controller, its count before the stage)
+
+    def adapt(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.next:
+            return
+        self.next = now + self.interval
+        free = self.free.since_last()
+        if free is None:
+            return
+        n = max(1, min(len(self.free.cpus), int(free + 0.25)))  # a core counts as free when 3/4 of it is
+        if not self.counts or self.counts[-1] != n:
+            torch.set_num_threads(n)
+            self.counts.append(n)
+        self._blas(n)
+
+    def _blas(self, n: int) -> None:
+        """The BLAS of numpy / scipy / scikit-learn (the logistic regressions) and the OpenMP of faiss follow the same
+        count; libraries loaded since the last look (scipy's, on first use) included."""
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return
+        for lib in ThreadpoolController().select(user_api=["blas", "openmp"]).lib_controllers:
+            if lib.filepath not in self.blas_before:
+                self.blas_before[lib.filepath] = (lib, lib.num_threads)
+            if lib.num_threads != n:
+                lib.set_num_threads(n)
+
+    def restore(self) -> None:
+        for lib, n in self.blas_before.values():
+            lib.set_num_threads(n)
+
+
+_governor: _Governor | None = None
+
+
+def adaptive(fn=None, *, interval: float = 1.0):
+    """Decorator for a stage of many small operations: unless the user chose a count (``--threads``,
+    ``OMP_NUM_THREADS``), its torch and BLAS work runs on the allowed CPUs that other processes leave free, read when it starts (over a
+    fifth of a second) and again at every ``adapt()`` call at most every ``interval`` seconds. The count in force
+    before is restored after."""
+    if fn is None:
+        return functools.partial(adaptive, interval=interval)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        global _governor
+        if chosen() or _governor is not None:  # the user's count; or an adaptive stage inside another
+            return fn(*args, **kwargs)
+        before = torch.get_num_threads()
+        _governor = _Governor(interval)
+        time.sleep(0.2)
+        _governor.adapt(force=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _governor.restore()
+            _governor = None
+            torch.set_num_threads(before)
+
+    return run
+
+
+def adapt() -> None:
+    """Inside an ``adaptive`` stage: re-read the free CPUs (at most every interval) and follow them. Call it once per
+    batch; elsewhere it does nothing."""
+    if _governor is not None:
+        _governor.adapt()
+
+
+def adapted_counts() -> list[int] | None:
+    """The thread counts the running adaptive stage has used so far, in order of change (None outside one)."""
+    return list(_governor.counts) if _governor is not None else None

@@ -21,6 +21,7 @@ from .sparse.nets import SparseModel
 from .dist import current
 from .stage import Stage
 from .store import RunStore, now, torch_save_atomic, write_text_atomic
+from .threads import adaptive
 
 log = logging.getLogger("tailfuse")
 
@@ -75,6 +76,7 @@ def validate(cfg: TrainConfig) -> None:
         raise TailfuseError("--batch-size must be >= 2 and --lr > 0.")
 
 
+@adaptive
 def run_train(run: str, cfg: TrainConfig, force: bool = False, progress: bool = True) -> dict:
     """Train the sparse model ``cfg.model_name`` on the run's latents; returns the stage record. Resumes from the
     epoch an interrupted train reached (``<model>/state.pt``)."""

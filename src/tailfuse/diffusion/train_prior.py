@@ -34,6 +34,7 @@ from ..errors import TailfuseError, q
 from ..dist import current
 from ..stage import Stage
 from ..store import RunStore, torch_save_atomic, write_text_atomic
+from ..threads import adapt, adaptive
 
 log = logging.getLogger("tailfuse")
 from .prior import FeaturePrior, LatentPrior, noise_scheduler
@@ -96,6 +97,7 @@ def train_denoiser(model, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor,
             perm = torch.randperm(n, generator=gen)
             losses = []
             for a in range(0, n, cfg.batch_size):
+                adapt()  # follow the CPUs other jobs leave free (tailfuse.threads)
                 idx = perm[a : a + cfg.batch_size]
                 if len(idx) < 2:
                     continue
@@ -161,6 +163,7 @@ def label_matrix(store: RunStore, split: str) -> tuple[np.ndarray, torch.Tensor]
     return sub["sample_id"].to_numpy(), torch.from_numpy(sub[labels].to_numpy(dtype=np.float32))
 
 
+@adaptive
 def run_train_prior(run: str, cfg: PriorConfig, force: bool = False, progress: bool = True) -> dict:
     validate(cfg)
     cfg = resolve_sizes(cfg)

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..threads import adapt
 from .metrics import average_precision
 
 
@@ -147,6 +148,7 @@ def _fit(model: nn.Module, batches_x, train, val_x, y_val: np.ndarray, test_x, *
         w = weights if ep >= weights_from else None
         perm = torch.randperm(len(ts), generator=g)
         for s in range(0, len(perm), batch_size):
+            adapt()  # follow the CPUs other jobs leave free (tailfuse.threads)
             idx = perm[s : s + batch_size]
             if len(idx) < 2 and len(perm) > 1:
                 continue  # a batch of one breaks BatchNorm; the sample is seen in other epochs
@@ -223,6 +225,7 @@ class _LogReg:
             else:
                 models = []
                 for j in range(self.n_labels):
+                    adapt()
                     pw = 1.0 if self.weights is None else float(self.weights[j])
                     xs, ys, sw = _expand_binary(x, y[:, j], pw)
                     if len(np.unique(ys)) < 2:  # no positive (or no negative) in training: a constant score
@@ -282,6 +285,7 @@ def tune_linear(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.n
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     best, best_c, best_model, prev, history = -np.inf, None, None, None, {}
     for c in sorted(float(v) for v in c_grid):
+        adapt()  # follow the CPUs other jobs leave free (tailfuse.threads)
         model = _LogReg(y_tr.shape[1], multi_label, w, max_iter)
         if prev is not None:
             model.models = [copy.deepcopy(m) for m in prev.models]  # warm start from the previous C

@@ -74,6 +74,7 @@ from ..config import stable_hash
 from ..dist import current
 from ..errors import TailfuseError
 from ..store import RunStore, now, npz_save_atomic, write_csv_atomic, write_json_atomic, write_text_atomic
+from ..threads import adaptive, configure
 from . import metrics as M
 from .classifier import SELECT, TrainSet, class_weights, fit_images, fit_linear
 from .config import CLASSIFIERS, CONTROLS, DEFAULT_EPOCHS, DRW_FROM, EPOCH_ARMS, LOSSES, NO_BUDGET_ARMS, ArmSpec, EvaluateConfig
@@ -748,8 +749,14 @@ def _evaluate_folds(store: RunStore, cfg: EvaluateConfig, specs: list[ArmSpec], 
 def run_evaluate(run: str, cfg: EvaluateConfig, force: bool = False, progress: bool = True,
                  command: str | None = None) -> dict:
     specs = validate(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    if cfg.threads:  # a count chosen in the config: as --threads (kept whatever else the machine runs)
+        configure(int(cfg.threads))
+    return _run_evaluate(run, cfg, specs, force, progress, command)
+
+
+@adaptive
+def _run_evaluate(run: str, cfg: EvaluateConfig, specs: list[ArmSpec], force: bool, progress: bool,
+                  command: str | None) -> dict:
     t_start = time.time()
     store = RunStore(run)
     store.require("encode")

@@ -36,6 +36,7 @@ from ..errors import TailfuseError
 from ..latentset import LatentSet
 from ..review import load_decisions, set_id, set_table
 from ..store import RunStore, atomic_file, write_text_atomic
+from ..threads import adaptive
 
 log = logging.getLogger("tailfuse")
 STATIC = ("index.html", "app.js", "style.css")
@@ -120,6 +121,7 @@ def _md_tables(md: str) -> str:
     return "\n".join(out)
 
 
+@adaptive
 def run_report(run: str, name: str = "synthetic", per_page: int = 100, progress: bool = True) -> dict:
     """Write the review page of the decoded set ``name`` to ``<run>/<name>/report/``; returns its index.html, the
     number of images and the set's id."""

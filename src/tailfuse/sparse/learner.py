@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from ..threads import adapt
 from .nets import Classifier, Decoder, Encoder, SparseModel, one_hot, positions
 
 
@@ -200,6 +201,7 @@ class IteratedLearner:
         n = len(self.z)
         perm = torch.randperm(n, generator=self.gen)
         for i in range(0, n, self.cfg.batch_size):
+            adapt()  # follow the CPUs other jobs leave free (tailfuse.threads)
             bi = perm[i : i + self.cfg.batch_size]
             z = self.z[bi]
             if self.cfg.augment:
