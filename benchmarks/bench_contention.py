@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -129,8 +130,9 @@ def time_stage(stage: str, runs: dict[str, Path], scratch: Path, threads: int | 
 
 def _summary(rows: list[dict]) -> list[str]:
     """Per stage: idle speed of the default against --threads 2 (the count before), and the worst slowdowns."""
-    out = ["", "Per stage: the default's time alone against `--threads 2` (before the stages adapted), and the worst "
-           "wall slowdown beside a competitor at each setting.", "",
+    out = ["", "Per stage: the default's wall time alone against `--threads 2` (before the stages adapted; the median "
+           "where a setting was timed alone more than once), and the worst wall slowdown beside a competitor at each "
+           "setting.", "",
            "| stage | alone, default (s) | alone, --threads 2 (s) | idle change | worst slowdown, default | "
            "worst slowdown, --threads 2 |", "|---|---|---|---|---|---|"]
 
@@ -141,9 +143,12 @@ def _summary(rows: list[dict]) -> list[str]:
         return (max(capped, key=lambda v: float(v[1:])) + "x") if capped else (f"{max(vals)}x" if vals else "–")
 
     for stage in dict.fromkeys(r["stage"] for r in rows):
-        alone = {r["threads"]: r["wall_seconds"] for r in rows if r["stage"] == stage and r["competitor"] == "none"
-                 and r["repeat"] == 0 and not isinstance(r["wall_seconds"], str)}
-        d, t2 = alone.get("default"), alone.get(2)
+        alone = {}  # the median over repeats (and over a setting listed twice in --stage-threads, e.g. 0,2,0,2)
+        for th in ("default", 2):
+            v = [r["wall_seconds"] for r in rows if r["stage"] == stage and r["threads"] == th
+                 and r["competitor"] == "none" and not isinstance(r["wall_seconds"], str)]
+            alone[th] = round(statistics.median(v), 1) if v else None
+        d, t2 = alone["default"], alone[2]
         change = f"{(d / t2 - 1) * 100:+.0f} %" if d and t2 else "–"
         out.append(f"| {stage} | {d or '–'} | {t2 or '–'} | {change} | {worst(stage, 'default')} | "
                    f"{worst(stage, 2)} |")

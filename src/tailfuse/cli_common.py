@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 
-THREADS_HELP = ("CPU threads of each process's torch work (default: OMP_NUM_THREADS, else every core; with "
+THREADS_HELP = ("a fixed count of CPU threads for each process's torch work (default: OMP_NUM_THREADS, else every "
+                "core, and train, train-prior, evaluate and report follow the cores other jobs leave free; with "
                 "--processes N, each process takes its share); recorded in every stage's record")
 
 

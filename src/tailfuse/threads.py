@@ -18,6 +18,7 @@ Every stage records the count it ran with, the CPUs it could use and the load av
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -191,9 +192,35 @@ def adaptive(fn=None, *, interval: float = 1.0):
 
 def adapt() -> None:
     """Inside an ``adaptive`` stage: re-read the free CPUs (at most every interval) and follow them. Call it once per
-    batch; elsewhere it does nothing."""
-    if _governor is not None:
+    batch; elsewhere (and inside ``one_thread``) it does nothing."""
+    if _governor is not None and not _single:
         _governor.adapt()
+
+
+_single = 0  # depth of one_thread blocks
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch, the BLAS and every OpenMP runtime (scikit-learn's loss functions, faiss) on one thread inside the block,
+    unless the user chose a count. For work that one thread does best even on an idle machine: the logistic
+    regressions of the evaluation and the report's scorer, whose OpenMP regions over a few hundred rows cost more
+    than they share (the linear evaluation: 8-9 s on one thread, 13-15 s on two, idle; contention.md)."""
+    global _single
+    if chosen():
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    _single += 1
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        _single -= 1
+        torch.set_num_threads(before)
 
 
 def adapted_counts() -> list[int] | None:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..threads import adapt
+from ..threads import adapt, one_thread
 from .metrics import average_precision
 
 
@@ -225,7 +225,6 @@ class _LogReg:
             else:
                 models = []
                 for j in range(self.n_labels):
-                    adapt()
                     pw = 1.0 if self.weights is None else float(self.weights[j])
                     xs, ys, sw = _expand_binary(x, y[:, j], pw)
                     if len(np.unique(ys)) < 2:  # no positive (or no negative) in training: a constant score
@@ -284,18 +283,18 @@ def tune_linear(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.n
     y_tr = np.asarray(y_tr, dtype=np.float64)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     best, best_c, best_model, prev, history = -np.inf, None, None, None, {}
-    for c in sorted(float(v) for v in c_grid):
-        adapt()  # follow the CPUs other jobs leave free (tailfuse.threads)
-        model = _LogReg(y_tr.shape[1], multi_label, w, max_iter)
-        if prev is not None:
-            model.models = [copy.deepcopy(m) for m in prev.models]  # warm start from the previous C
-        model.fit(xs, y_tr, c)
-        prev = model
-        score = val_score(y_va, model.predict(xv), select) if len(y_va) else float("nan")
-        history[f"{c:g}"] = None if np.isnan(score) else round(float(score), 5)
-        key = score if not np.isnan(score) else -np.inf
-        if best_model is None or key > best:
-            best, best_c, best_model = key, c, model
+    with one_thread():  # one thread does these small fits best, even on an idle machine (tailfuse.threads)
+        for c in sorted(float(v) for v in c_grid):
+            model = _LogReg(y_tr.shape[1], multi_label, w, max_iter)
+            if prev is not None:
+                model.models = [copy.deepcopy(m) for m in prev.models]  # warm start from the previous C
+            model.fit(xs, y_tr, c)
+            prev = model
+            score = val_score(y_va, model.predict(xv), select) if len(y_va) else float("nan")
+            history[f"{c:g}"] = None if np.isnan(score) else round(float(score), 5)
+            key = score if not np.isnan(score) else -np.inf
+            if best_model is None or key > best:
+                best, best_c, best_model = key, c, model
     value = None if not np.isfinite(best) else float(best)
     info = ({"c": best_c, "val_map": value, "val_map_by_c": history} if select == "map" else
             {"c": best_c, "select": select, "val_score": value, "val_score_by_c": history})
