@@ -216,7 +216,8 @@ def main() -> int:
           "share of 2 cores with one competitor is 2x. Threads used: the counts the stage records it ran with. A stage "
           f"still running after {a.cap:g} s was stopped: its wall slowdown is at least {a.cap:g} s over its wall time "
           "alone.", "",
-          "| stage | threads | competitor | seconds | wall seconds | slowdown | wall slowdown | threads used | load at start |",
+          "| stage | threads | competitor | seconds | wall seconds | slowdown | wall slowdown | threads used "
+          "| load at start |",
           "|---|---|---|---|---|---|---|---|---|"]
     dash = "–"
     for r in rows:

@@ -190,6 +190,32 @@ def test_train_adapts_its_threads_to_another_job_unless_chosen(tmp_path, encoded
         p.wait()
 
 
+def test_one_thread_blocks_unless_a_count_is_chosen(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from tailfuse import threads
+
+    monkeypatch.setattr(threads, "_explicit", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    with threads.one_thread():
+        assert torch.get_num_threads() == 1
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] in ("blas", "openmp"))
+    assert torch.get_num_threads() == 2
+
+    @threads.adaptive
+    def stage():
+        with threads.one_thread():
+            threads._governor.next = 0.0  # a reading is due
+            threads.adapt()  # an adaptive stage's reading does not undo the block
+            return torch.get_num_threads()
+
+    assert stage() == 1 and torch.get_num_threads() == 2
+    monkeypatch.setattr(threads, "_explicit", 2)  # --threads 2
+    with threads.one_thread():
+        assert torch.get_num_threads() == 2
+
+
 def test_no_imitation_ablation_is_kept_beside_the_default(tmp_path, encoded):
     run = tmp_path / "run"
     shutil.copytree(encoded, run)

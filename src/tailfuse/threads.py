@@ -9,7 +9,8 @@ report's features) adapt the count while they run when the user chose none (``ad
 read how much of the allowed CPUs other processes used, and run on the CPUs left free (at least one). With more
 threads than free cores, each small operation waits at its end for a thread that another job holds: on a 2-core
 machine beside one other CPU-bound job, ``train`` ran many times slower on two threads than on one, while on an idle
-machine two threads are about a third faster (benchmarks/results/contention.md).
+machine two threads are about a third faster (benchmarks/results/contention.md). The small logistic regressions of
+the evaluation and the report run on one thread (``one_thread``): there one thread is faster even on an idle machine.
 
 Every stage records the count it ran with, the CPUs it could use and the load average when it started
 (``runtime`` in ``<run>/stages/<stage>.json``; ``tailfuse info`` shows them), so a slow run can explain itself: on a
@@ -74,7 +75,6 @@ def runtime_record() -> dict:
             "cpus_allowed": cpus_allowed(), "load_average_at_start": load}
 
 
-
 # --- adapting the count to the CPUs other processes leave free
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -126,7 +126,7 @@ class _Governor:
         self.interval, self.free = interval, _FreeCpus()
         self.next = 0.0
         self.counts: list[int] = []
-        self.blas_before: dict = {}  # BLAS library path -> (controller, its count before the stage)
+        self.blas_before: dict = {}  # BLAS / OpenMP library path -> (controller, its count before the stage)
 
     def adapt(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -165,9 +165,9 @@ _governor: _Governor | None = None
 
 def adaptive(fn=None, *, interval: float = 1.0):
     """Decorator for a stage of many small operations: unless the user chose a count (``--threads``,
-    ``OMP_NUM_THREADS``), its torch and BLAS work runs on the allowed CPUs that other processes leave free, read when it starts (over a
-    fifth of a second) and again at every ``adapt()`` call at most every ``interval`` seconds. The count in force
-    before is restored after."""
+    ``OMP_NUM_THREADS``), its torch, BLAS and OpenMP work runs on the allowed CPUs that other processes leave free,
+    read when it starts (over a fifth of a second) and again at ``adapt()`` calls, at most every ``interval`` seconds.
+    The counts in force before are restored after."""
     if fn is None:
         return functools.partial(adaptive, interval=interval)
 
