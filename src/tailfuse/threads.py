@@ -29,12 +29,17 @@ import torch
 _explicit: int | None = None  # --threads, when given
 
 
-def cpus_allowed() -> int:
-    """The CPUs this process may run on (its affinity mask; a container's or taskset's limit), at least 1."""
+def _allowed() -> set[int]:
+    """The CPUs this process may run on (its affinity mask; a container's or taskset's limit)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        return set(range(os.cpu_count() or 1))
+
+
+def cpus_allowed() -> int:
+    """How many CPUs this process may run on, at least 1."""
+    return max(1, len(_allowed()))
 
 
 def configure(threads: int | None) -> int:
@@ -100,10 +105,7 @@ class _FreeCpus:
     """How many of this process's allowed CPUs other processes left free since the previous reading."""
 
     def __init__(self):
-        try:
-            self.cpus = set(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            self.cpus = set(range(os.cpu_count() or 1))
+        self.cpus = _allowed()
         self._last = self._read()
 
     def _read(self) -> tuple[float, float, float] | None:
@@ -121,18 +123,21 @@ class _FreeCpus:
         return max(0.0, len(self.cpus) - others)
 
 
+INTERVAL = 1.0  # seconds between two readings of the free CPUs in an adaptive stage
+
+
 class _Governor:
-    def __init__(self, interval: float):
-        self.interval, self.free = interval, _FreeCpus()
+    def __init__(self):
+        self.free = _FreeCpus()
         self.next = 0.0
         self.counts: list[int] = []
-        self.blas_before: dict = {}  # BLAS / OpenMP library path -> (controller, its count before the stage)
+        self.pools_before: dict = {}  # BLAS / OpenMP library path -> (controller, its count before the stage)
 
     def adapt(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now < self.next:
             return
-        self.next = now + self.interval
+        self.next = now + INTERVAL
         free = self.free.since_last()
         if free is None:
             return
@@ -140,9 +145,9 @@ class _Governor:
         if not self.counts or self.counts[-1] != n:
             torch.set_num_threads(n)
             self.counts.append(n)
-        self._blas(n)
+        self._pools(n)
 
-    def _blas(self, n: int) -> None:
+    def _pools(self, n: int) -> None:
         """The BLAS of numpy / scipy / scikit-learn (the logistic regressions) and the OpenMP of faiss follow the same
         count; libraries loaded since the last look (scipy's, on first use) included."""
         try:
@@ -150,26 +155,24 @@ class _Governor:
         except ImportError:
             return
         for lib in ThreadpoolController().select(user_api=["blas", "openmp"]).lib_controllers:
-            if lib.filepath not in self.blas_before:
-                self.blas_before[lib.filepath] = (lib, lib.num_threads)
+            if lib.filepath not in self.pools_before:
+                self.pools_before[lib.filepath] = (lib, lib.num_threads)
             if lib.num_threads != n:
                 lib.set_num_threads(n)
 
     def restore(self) -> None:
-        for lib, n in self.blas_before.values():
+        for lib, n in self.pools_before.values():
             lib.set_num_threads(n)
 
 
 _governor: _Governor | None = None
 
 
-def adaptive(fn=None, *, interval: float = 1.0):
+def adaptive(fn):
     """Decorator for a stage of many small operations: unless the user chose a count (``--threads``,
     ``OMP_NUM_THREADS``), its torch, BLAS and OpenMP work runs on the allowed CPUs that other processes leave free,
-    read when it starts (over a fifth of a second) and again at ``adapt()`` calls, at most every ``interval`` seconds.
+    read when it starts (over a fifth of a second) and again at ``adapt()`` calls, at most every ``INTERVAL`` seconds.
     The counts in force before are restored after."""
-    if fn is None:
-        return functools.partial(adaptive, interval=interval)
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -177,7 +180,7 @@ def adaptive(fn=None, *, interval: float = 1.0):
         if chosen() or _governor is not None:  # the user's count; or an adaptive stage inside another
             return fn(*args, **kwargs)
         before = torch.get_num_threads()
-        _governor = _Governor(interval)
+        _governor = _Governor()
         time.sleep(0.2)
         _governor.adapt(force=True)
         try:
@@ -191,8 +194,8 @@ def adaptive(fn=None, *, interval: float = 1.0):
 
 
 def adapt() -> None:
-    """Inside an ``adaptive`` stage: re-read the free CPUs (at most every interval) and follow them. Call it once per
-    batch; elsewhere (and inside ``one_thread``) it does nothing."""
+    """Inside an ``adaptive`` stage: re-read the free CPUs (at most every INTERVAL seconds) and follow them. Call it
+    once per batch; elsewhere (and inside ``one_thread``) it does nothing."""
     if _governor is not None and not _single:
         _governor.adapt()
 
