@@ -208,7 +208,7 @@ def one_thread():
     """Torch, the BLAS and every OpenMP runtime (scikit-learn's loss functions, faiss) on one thread inside the block,
     unless the user chose a count. For work that one thread does best even on an idle machine: the logistic
     regressions of the evaluation and the report's scorer, whose OpenMP regions over a few hundred rows cost more
-    than they share (the linear evaluation: 8-9 s on one thread, 13-15 s on two, idle; contention.md)."""
+    than they share (the linear evaluation alone: 9.5 s so, 12.9 s on two threads; contention.md)."""
     global _single
     if chosen():
         yield
