@@ -104,10 +104,15 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argpars
 
 
 def set_threads(threads: int | None) -> None:
+    """A chosen count, as ``--threads`` gives one to tailfuse: torch's threads, and the adapting stages (train,
+    train-prior, evaluate, report) keep it instead of following the free cores."""
     if threads is not None:
-        import torch
+        src = str(Path(__file__).resolve().parent.parent / "src")
+        if src not in sys.path:
+            sys.path.insert(0, src)
+        from tailfuse.threads import configure
 
-        torch.set_num_threads(threads)
+        configure(threads)
 
 
 def child_env(threads: int | None, env: dict | None = None) -> dict:

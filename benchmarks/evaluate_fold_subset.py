@@ -11,7 +11,11 @@ OUT/fold-k/results.json exists with quality figures for the same arms reuses tho
 cached by evaluate itself), so adding folds later costs only the new ones. ``--pairs 'A:B;C:D'`` adds the tail-mAP
 difference of arm A minus arm B on the pooled predictions, with the same paired bootstrap as the tables
 (OUT/pooled/pairs.json and a section at the end of results.md; `compare_arms.py` does the same for any finished
-evaluation).
+evaluation). ``--make-folds`` makes a missing fold run and trains its sparse model first, as `--folds K` does, so
+two calls with disjoint ``--only`` build and evaluate the folds side by side:
+
+    python benchmarks/evaluate_fold_subset.py OUT --folds-dir RUN/eval/folds-5-seed0 --only 0,1 --make-folds \
+        -- --run RUN --folds 5 ...
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ from _results import Load, commit_line, parse, parser, provenance  # noqa: E402 
 from compare_arms import pair_rows, pairs_markdown, parse_pairs  # noqa: E402
 
 
+def make_fold(run: str, cfg, folds_dir: Path, i: int) -> None:
+    """Fold i's run under ``folds_dir`` and its sparse model, as `tailfuse evaluate --folds K` makes them (the same
+    split, settings and note; each skipped when done)."""
+    from tailfuse.evaluation.folds import assign_folds, fold_train_config, make_fold_run
+    from tailfuse.train import run_train
+
+    if not cfg.folds:
+        raise SystemExit("--make-folds needs --folds K among the evaluate arguments")
+    store = RunStore(run)
+    split = assign_folds(store, int(cfg.folds), cfg.fold_val_fraction, cfg.data_seed)[i]
+    fold = make_fold_run(store, folds_dir / f"fold-{i}", split, f"fold {i + 1} of {int(cfg.folds)} (seed {cfg.data_seed})")
+    if (fold.stage("train") or {}).get("status") != "done":
+        print(f"fold {i}: training its sparse model", flush=True)
+        run_train(str(fold.root), fold_train_config(store), progress=False)
+
+
 def main() -> int:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -40,6 +60,10 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--folds-dir", required=True)
     ap.add_argument("--only", required=True, help="comma-separated fold indices, e.g. 0,1,2")
+    ap.add_argument("--make-folds", action="store_true",
+                    help="make a missing fold run from --run (the folds `--folds K` makes) and train its sparse model "
+                         "with the run's train settings, as `tailfuse evaluate --folds K` does; several calls with "
+                         "disjoint --only can then make the folds side by side")
     ap.add_argument("--pairs", default="", help="A:B;C:D (';' between pairs: arm names may hold commas): tail-mAP differences arm A - arm B on the pooled predictions")
     a = parse(ap, argv[:cut])  # sets torch's thread count to --threads
     load = Load()
@@ -53,6 +77,8 @@ def main() -> int:
     raws = []
     for i in [int(f) for f in a.only.split(",")]:
         fold = RunStore(Path(a.folds_dir) / f"fold-{i}")
+        if a.make_folds:
+            make_fold(args.run, cfg, Path(a.folds_dir), i)
         if (fold.stage("train") or {}).get("status") != "done":
             raise SystemExit(f"fold {i}: no trained sparse model in {fold.root}")
         saved = out / f"fold-{i}" / "results.json"
