@@ -30,14 +30,23 @@ def _need(path: Path, what: str) -> Path:
     pytest.skip(msg)
 
 
+def _test_thread_count() -> int:
+    """Two threads; under pytest-xdist (pyproject's addopts run two workers) each worker its share of the allowed
+    CPUs, so the workers do not oversubscribe the cores (small networks slow down many times when they do)."""
+    from tailfuse.threads import cpus_allowed
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    return max(1, cpus_allowed() // workers) if workers else 2
+
+
 def _two_threads():
-    """Two threads, chosen (as ``--threads 2`` would): stages that adapt their count to the load (tailfuse.threads)
-    keep it, so a test's results do not depend on what else the machine runs. A model trained with 1 thread differs in
-    its last bits from one trained with 2, and the resume tests compare weights bit for bit."""
+    """A fixed count, chosen (as ``--threads N`` would): stages that adapt their count to the load
+    (tailfuse.threads) keep it, so a test's results do not depend on what else the machine runs. A model trained with
+    1 thread differs in its last bits from one trained with 2, and the resume tests compare weights bit for bit."""
     from tailfuse import threads
 
-    threads._explicit = 2
-    torch.set_num_threads(2)
+    threads._explicit = _test_thread_count()
+    torch.set_num_threads(threads._explicit)
 
 
 @pytest.fixture(autouse=True, scope="session")
