@@ -107,10 +107,7 @@ def set_threads(threads: int | None) -> None:
     """A chosen count, as ``--threads`` gives one to tailfuse: torch's threads, and the adapting stages (train,
     train-prior, evaluate, report) keep it instead of following the free cores."""
     if threads is not None:
-        src = str(Path(__file__).resolve().parent.parent / "src")
-        if src not in sys.path:
-            sys.path.insert(0, src)
-        from tailfuse.threads import configure
+        from tailfuse.threads import configure  # the installed package, as the scripts import it
 
         configure(threads)
 

@@ -39,7 +39,7 @@ def _test_thread_count() -> int:
     return max(1, cpus_allowed() // workers) if workers else 2
 
 
-def _two_threads():
+def _fixed_threads():
     """A fixed count, chosen (as ``--threads N`` would): stages that adapt their count to the load
     (tailfuse.threads) keep it, so a test's results do not depend on what else the machine runs. A model trained with
     1 thread differs in its last bits from one trained with 2, and the resume tests compare weights bit for bit."""
@@ -53,12 +53,12 @@ def _two_threads():
 def _session_threads():
     """From the start, so module fixtures (trained before any test's own fixture) run like the tests do, whatever
     OMP_NUM_THREADS says."""
-    _two_threads()
+    _fixed_threads()
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    _two_threads()
+    _fixed_threads()
     yield
 
 
