@@ -26,8 +26,8 @@ from tailfuse.evaluation.harness import MAIN, load_scores, tail_delta  # noqa: E
 
 
 def pair_rows(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]], metric: str = "map_tail") -> list[dict]:
-    """Arm A minus arm B in ``metric`` (tail mAP, or a decision metric: balanced_accuracy, macro_f1, tail_recall) at
-    the main budget, for each (A, B), on raw predictions."""
+    """Arm A minus arm B in ``metric`` (tail mAP, or a decision metric: balanced_accuracy, macro_f1, tail_recall,
+    tail_precision) at the main budget, for each (A, B), on raw predictions."""
     if not cfg.bootstrap:
         raise SystemExit("pairwise differences need bootstrap resamples (the evaluation ran with --bootstrap 0)")
     if metric != "map_tail" and not raw.get("decisions"):
@@ -42,7 +42,7 @@ def pair_rows(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]], metr
 
 
 METRIC_NAMES = {"map_tail": "tail mAP", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
-                "tail_recall": "tail recall"}
+                "tail_recall": "tail recall", "tail_precision": "tail precision"}
 
 
 def pairs_markdown(rows: list[dict], quality: dict | None = None) -> str:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
 from tailfuse.errors import TailfuseError
 from tailfuse.evaluation import metrics as M
@@ -30,6 +30,9 @@ def test_decision_metrics_match_sklearn_and_val_thresholds_maximise_val_f1():
     assert dm["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(yt, yp))
     assert dm["macro_f1"] == pytest.approx(f1_score(yt, yp, average="macro"))
     assert dm["tail_recall"] == pytest.approx(recall_score(yt, yp, average=None)[[3, 4]].mean())
+    whole = np.arange(len(yt))[None]
+    assert M.decision_metrics_resampled("tail_precision", y, d, [3, 4], whole)[0] == pytest.approx(
+        precision_score(yt, yp, average=None, zero_division=0)[[3, 4]].mean())
     ym = (rng.random((300, 4)) < 0.2).astype(int)
     sm = rng.random((300, 4)) + 0.4 * ym
     t = M.val_thresholds(ym[:120], sm[:120])

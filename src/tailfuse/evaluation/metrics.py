@@ -112,6 +112,9 @@ def summary(y: np.ndarray, s: np.ndarray, labels: list[str], head: list[str], ta
 
 
 DECISION_METRICS = ("balanced_accuracy", "macro_f1", "tail_recall")
+# also computed on request (benchmarks/compare_arms.py --metric), not a table column: the mean over tail labels of
+# the share of a label's decisions that are right (a label never decided counts 0, as scikit-learn's zero_division=0)
+EXTRA_DECISION_METRICS = ("tail_precision",)
 
 
 def decisions(scores: np.ndarray, multi_label: bool, thresholds: np.ndarray | None = None) -> np.ndarray:
@@ -167,6 +170,8 @@ def decision_metrics_resampled(metric: str, y: np.ndarray, d: np.ndarray, tail_i
             value, has = value[:, tail_idx], has[:, tail_idx]
     elif metric == "macro_f1":
         value = 2 * tp / np.maximum(pos + pred, 1)
+    elif metric == "tail_precision":
+        value, has = (tp / np.maximum(pred, 1))[:, tail_idx], has[:, tail_idx]
     else:
         raise ValueError(f"unknown decision metric {metric}")
     n = has.sum(1)
@@ -204,10 +209,10 @@ def bootstrap_indices(n: int, b: int, seed: int) -> np.ndarray:
 
 def paired_bootstrap(y: np.ndarray, scores_arm: list[np.ndarray], scores_ref: list[np.ndarray], tail_idx: list[int],
                      idx: np.ndarray, chunk: int = 100, metric: str = "map_tail") -> dict:
-    """Difference in ``metric`` (arm - reference): tail mAP of scores, or a decision metric (``DECISION_METRICS``) of
-    decisions, per resample averaged over seeds (arm seed i paired with reference seed i). Returns the point estimate
-    (full test set, mean over seeds), the 95 % percentile interval, and the share of resamples where the arm is
-    better."""
+    """Difference in ``metric`` (arm - reference): tail mAP of scores, or a decision metric (``DECISION_METRICS``,
+    ``EXTRA_DECISION_METRICS``) of decisions, per resample averaged over seeds (arm seed i paired with reference seed
+    i). Returns the point estimate (full test set, mean over seeds), the 95 % percentile interval, and the share of
+    resamples where the arm is better."""
     if len(scores_arm) != len(scores_ref):
         raise ValueError("arm and reference need the same seeds")
 
