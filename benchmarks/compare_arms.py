@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from _results import command_line, commit_line, git_state  # noqa: E402  (benchmarks/, beside this script)
 from tailfuse.evaluation.config import EvaluateConfig  # noqa: E402
 from tailfuse.evaluation.harness import MAIN, load_scores, tail_delta  # noqa: E402
+from tailfuse.evaluation.tables import DECISION_NAMES  # noqa: E402
 
 
 def pair_rows(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]], metric: str = "map_tail") -> list[dict]:
@@ -41,8 +42,8 @@ def pair_rows(raw: dict, cfg: EvaluateConfig, pairs: list[tuple[str, str]], metr
     return [{"a": a, "b": b, "metric": metric, **delta(a, MAIN, b)} for a, b in pairs]
 
 
-METRIC_NAMES = {"map_tail": "tail mAP", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
-                "tail_recall": "tail recall", "tail_precision": "tail precision"}
+# the tables' names of their decision metrics, and the one compared here only (metrics.EXTRA_DECISION_METRICS)
+METRIC_NAMES = {"map_tail": "tail mAP", **DECISION_NAMES, "tail_precision": "tail precision"}
 
 
 def pairs_markdown(rows: list[dict], quality: dict | None = None) -> str:
