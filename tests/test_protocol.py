@@ -122,7 +122,20 @@ def test_evaluate_with_the_partial_fine_tune_cmo_drw_and_a_pool(tmp_path):
     made = json.loads((run / "eval" / "results.json").read_text())["arms"]["tailfuse"]["synthetic_set"]
     assert made["n_made"] == 16  # pool 2: twice the budget made, the budget drawn from it each epoch
     md = (run / "eval" / "results.md").read_text()
-    assert "## Decisions: balanced accuracy" in md and "pool of 2x the budget" in md
+    assert "## Decisions: balanced accuracy, macro-F1 and tail recall" in md and "pool of 2x the budget" in md
+    assert "chosen by val balanced accuracy);" in md  # the selection named once
+
+
+def test_a_multi_label_table_heads_its_decisions_with_the_metrics_it_has():
+    from tailfuse.evaluation.tables import _md_decisions
+
+    arms = {"real": {"macro_f1": 0.16, "tail_recall": 0.2},
+            "cmo": {"macro_f1": 0.15, "tail_recall": 0.23,
+                    "delta_macro_f1": {"real": {"mean": -0.006, "ci95": [-0.035, 0.025]}}}}
+    lines = _md_decisions(arms, ["macro_f1", "tail_recall"], ["real"])
+    assert lines[0] == "## Decisions: macro-F1 and tail recall"  # no balanced accuracy on multi-label data
+    assert lines[2] == "| arm | macro-F1 | tail recall | Δ macro-F1 vs real | Δ tail recall vs real |"
+    assert lines[5].startswith("| cmo | 0.150 ± – | 0.230 ± – | -0.006 [-0.035, +0.025] | – |")
 
 
 def test_the_weighted_loss_weights_each_arm_by_its_own_training_set():

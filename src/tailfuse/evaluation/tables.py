@@ -73,7 +73,7 @@ def _md_protocol(r: dict, decided: list[str]) -> list[str]:
                 "finetune": "EfficientNet-Lite0, all layers", "cnn": "a small CNN from scratch"}.get(pr["classifier"], "")
         lines.append(f"Classifier: `{pr['classifier']}`, {what} ({pr['epochs']} epochs, lr {pr['lr']:g}, weight decay "
                      f"picked on val from {', '.join(f'{w:g}' for w in cs['weight_decay_grid'])}, epoch and weight "
-                     f"decay chosen by {cs.get('selection', 'val mAP')}); seeds {', '.join(map(str, seeds))}; figures "
+                     f"decay chosen by {cs.get('selection', 'val mAP').removesuffix(' (epoch and weight decay)')}); seeds {', '.join(map(str, seeds))}; figures "
                      "are mean ± standard deviation over seeds."
                      + (f" Image arms draw their images afresh each epoch from a pool of {cs['pool']}x the budget."
                         if cs.get("pool") else ""))
@@ -82,8 +82,10 @@ def _md_protocol(r: dict, decided: list[str]) -> list[str]:
                      "set (real plus added); `real` is therefore the re-weighted baseline.")
     if decided:
         lines.append("Decisions: " + ("the argmax class" if not multi else "each label's score against the threshold "
-                     "that maximised its F1 on val (chosen within each split or fold)") + "; balanced accuracy (mean "
-                     "recall over classes), macro-F1 and tail recall (mean recall over tail labels) of those decisions.")
+                     "that maximised its F1 on val (chosen within each split or fold)") + "; "
+                     + ("balanced accuracy (mean recall over classes), " if "balanced_accuracy" in decided else "")
+                     + "macro-F1 (mean F1 over labels) and tail recall (mean recall over tail labels) of those "
+                     "decisions.")
     lines += [
         f"Budget: {pr['budget']['rule']}: " + ", ".join(f"{k} +{v}" for k, v in pr["budget"]["per_label"].items()) + ".",
         f"Δ tail mAP: arm minus control, paired bootstrap over test images ({pr['bootstrap']['resamples']} "
@@ -98,7 +100,8 @@ def _md_protocol(r: dict, decided: list[str]) -> list[str]:
 def _md_decisions(arms: dict, decided: list[str], controls: list[str]) -> list[str]:
     """The decision metrics and their differences to each control (the lead metric's and tail recall's)."""
     lead = [m for m in decided if m != "tail_recall"][0]
-    lines = [f"## Decisions: {DECISION_NAMES[lead]}, macro-F1 and tail recall", "",
+    names = [DECISION_NAMES[m] for m in decided]
+    lines = [f"## Decisions: {', '.join(names[:-1])} and {names[-1]}", "",
              "| arm | " + " | ".join(DECISION_NAMES[m] for m in decided) + " | "
              + " | ".join(f"Δ {DECISION_NAMES[lead]} vs {c}" for c in controls) + " | "
              + " | ".join(f"Δ tail recall vs {c}" for c in controls) + " |",
