@@ -71,9 +71,10 @@ def _md_protocol(r: dict, decided: list[str]) -> list[str]:
         what = {"partial": f"the last {cs.get('trainable_blocks')} blocks of EfficientNet-Lite0 (ImageNet) and a new "
                            "head trained on frozen maps at the run's image size",
                 "finetune": "EfficientNet-Lite0, all layers", "cnn": "a small CNN from scratch"}.get(pr["classifier"], "")
+        chosen_by = cs.get("selection", "val mAP").removesuffix(" (epoch and weight decay)")  # named once below
         lines.append(f"Classifier: `{pr['classifier']}`, {what} ({pr['epochs']} epochs, lr {pr['lr']:g}, weight decay "
                      f"picked on val from {', '.join(f'{w:g}' for w in cs['weight_decay_grid'])}, epoch and weight "
-                     f"decay chosen by {cs.get('selection', 'val mAP').removesuffix(' (epoch and weight decay)')}); seeds {', '.join(map(str, seeds))}; figures "
+                     f"decay chosen by {chosen_by}); seeds {', '.join(map(str, seeds))}; figures "
                      "are mean ± standard deviation over seeds."
                      + (f" Image arms draw their images afresh each epoch from a pool of {cs['pool']}x the budget."
                         if cs.get("pool") else ""))
