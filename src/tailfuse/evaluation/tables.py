@@ -71,7 +71,9 @@ def _md_protocol(r: dict, decided: list[str]) -> list[str]:
         what = {"partial": f"the last {cs.get('trainable_blocks')} blocks of EfficientNet-Lite0 (ImageNet) and a new "
                            "head trained on frozen maps at the run's image size",
                 "finetune": "EfficientNet-Lite0, all layers", "cnn": "a small CNN from scratch"}.get(pr["classifier"], "")
-        chosen_by = cs.get("selection", "val mAP").removesuffix(" (epoch and weight decay)")  # named once below
+        # the recorded name ends in " (epoch and weight decay)", which this sentence says itself; the record keeps it
+        # (it is part of every fit's cache key)
+        chosen_by = cs.get("selection", "val mAP").removesuffix(" (epoch and weight decay)")
         lines.append(f"Classifier: `{pr['classifier']}`, {what} ({pr['epochs']} epochs, lr {pr['lr']:g}, weight decay "
                      f"picked on val from {', '.join(f'{w:g}' for w in cs['weight_decay_grid'])}, epoch and weight "
                      f"decay chosen by {chosen_by}); seeds {', '.join(map(str, seeds))}; figures "
@@ -103,7 +105,7 @@ def _md_decisions(arms: dict, decided: list[str], controls: list[str]) -> list[s
     lead = [m for m in decided if m != "tail_recall"][0]
     names = [DECISION_NAMES[m] for m in decided]
     lines = [f"## Decisions: {', '.join(names[:-1])} and {names[-1]}", "",
-             "| arm | " + " | ".join(DECISION_NAMES[m] for m in decided) + " | "
+             "| arm | " + " | ".join(names) + " | "
              + " | ".join(f"Δ {DECISION_NAMES[lead]} vs {c}" for c in controls) + " | "
              + " | ".join(f"Δ tail recall vs {c}" for c in controls) + " |",
              "|" + "---|" * (1 + len(decided) + 2 * len(controls))]
