@@ -136,6 +136,8 @@ def test_a_multi_label_table_heads_its_decisions_with_the_metrics_it_has():
     assert lines[0] == "## Decisions: macro-F1 and tail recall"  # no balanced accuracy on multi-label data
     assert lines[2] == "| arm | macro-F1 | tail recall | Δ macro-F1 vs real | Δ tail recall vs real |"
     assert lines[5].startswith("| cmo | 0.150 ± – | 0.230 ± – | -0.006 [-0.035, +0.025] | – |")
+    alone = _md_decisions({"cmo": arms["cmo"]}, ["macro_f1", "tail_recall"], [])  # no control among the arms
+    assert alone[2:] == ["| arm | macro-F1 | tail recall |", "|---|---|---|", "| cmo | 0.150 ± – | 0.230 ± – |"]
 
 
 def test_the_weighted_loss_weights_each_arm_by_its_own_training_set():

@@ -104,15 +104,15 @@ def _md_decisions(arms: dict, decided: list[str], controls: list[str]) -> list[s
     """The decision metrics and their differences to each control (the lead metric's and tail recall's)."""
     lead = [m for m in decided if m != "tail_recall"][0]
     names = [DECISION_NAMES[m] for m in decided]
+    head = ["arm", *names, *(f"Δ {DECISION_NAMES[lead]} vs {c}" for c in controls),
+            *(f"Δ tail recall vs {c}" for c in controls)]
     lines = [f"## Decisions: {', '.join(names[:-1])} and {names[-1]}", "",
-             "| arm | " + " | ".join(names) + " | "
-             + " | ".join(f"Δ {DECISION_NAMES[lead]} vs {c}" for c in controls) + " | "
-             + " | ".join(f"Δ tail recall vs {c}" for c in controls) + " |",
-             "|" + "---|" * (1 + len(decided) + 2 * len(controls))]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, e in arms.items():
-        lines.append(f"| {arm} | " + " | ".join(_ms(e, m) for m in decided) + " | "
-                     + " | ".join(_ci((e.get(f"delta_{lead}") or {}).get(c)) for c in controls) + " | "
-                     + " | ".join(_ci((e.get("delta_tail_recall") or {}).get(c)) for c in controls) + " |")
+        row = [arm, *(_ms(e, m) for m in decided),
+               *(_ci((e.get(f"delta_{lead}") or {}).get(c)) for c in controls),
+               *(_ci((e.get("delta_tail_recall") or {}).get(c)) for c in controls)]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
