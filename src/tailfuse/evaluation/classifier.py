@@ -153,7 +153,7 @@ def _fit(model: nn.Module, batches_x, train, val_x, y_val: np.ndarray, test_x, *
             if len(idx) < 2 and len(perm) > 1:
                 continue  # a batch of one breaks BatchNorm; the sample is seen in other epochs
             x = batches_x(ts, idx.numpy(), g, augment)
-            loss = _loss(model(x), y_tr[idx], multi_label, w)
+            loss = _loss(model(x), y_tr[idx].to(x.device), multi_label, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

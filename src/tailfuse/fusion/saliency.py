@@ -169,7 +169,7 @@ def rank_normalise(maps: torch.Tensor) -> torch.Tensor:
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur N x h x w maps with a Gaussian of ``sigma`` positions (reflect padding): coherent regions, not speckle."""
     r = max(1, int(round(3 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    x = torch.arange(-r, r + 1, dtype=torch.float32, device=maps.device)
     k = torch.exp(-(x**2) / (2 * sigma**2))
     k = k / k.sum()
     m = maps[:, None].float()
