@@ -87,17 +87,18 @@ def main() -> int:
     md += [f"Cheap: `{a.cheap}` ({cheap.get('command', '')}).", "",
            f"Reference: `{a.reference}` ({ref.get('command', '')}).", "",
            f"Each arm minus `{a.control}`, paired bootstrap 95 % intervals over test images (the tables' own).", ""]
+    rankings = {m: {pc: ranking(cheap, m), pr: ranking(ref, m)} for m in metrics}
     for m in metrics:
         sel = [r for r in found if r["metric"] == m]
         if not sel:
             continue
         md += [f"## {METRIC_NAMES[m]}", "", f"| arm | {pc} | {pr} | verdict |", "|---|---|---|---|"]
         md += [f"| {r['arm']} | {fmt(r['cheap'])} | {fmt(r['reference'])} | {r['verdict']} |" for r in sel]
-        md += ["", f"Ranking under {pc}: {' > '.join(ranking(cheap, m))}; under {pr}: {' > '.join(ranking(ref, m))}.", ""]
+        md += ["", f"Ranking under {pc}: {' > '.join(rankings[m][pc])}; under {pr}: {' > '.join(rankings[m][pr])}.", ""]
     counts = {v: sum(r["verdict"] == v for r in found) for v in ("agree", "same sign", "differs", "opposite")}
     md += ["## Summary", "", ", ".join(f"{k}: {v}" for k, v in counts.items()) + f" (of {len(found)} arm-metric pairs)."]
     res = {"cheap": str(a.cheap), "reference": str(a.reference), "control": a.control, "rows": found,
-           "counts": counts, "rankings": {m: {pc: ranking(cheap, m), pr: ranking(ref, m)} for m in metrics},
+           "counts": counts, "rankings": rankings,
            **provenance(args=a)}
     md += ["", "Produced by `" + res["command"] + "`."]
     write_results(a.out.parent, a.out.name, res, md)

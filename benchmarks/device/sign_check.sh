@@ -18,14 +18,13 @@ log() { echo "[$(( $(date +%s) - START )) s] $*"; }
 pack() {  # $1: name
   tar czf $OUTD/$1.tgz -C $R/eval results.json results.md scores.npz decisions.npz 2>/dev/null; log "packed $1"; }
 ARMS='real,oversample,cmo,vae-roundtrip,tailfuse'
-COMMON="--seeds $SEEDS --pool 5 --loss weighted --no-quality --device $DEV --quiet $EVAL_EXTRA"
+C="--pool 5 --loss weighted --no-quality --device $DEV --quiet $EVAL_EXTRA"
 log encode; $T encode --data $KEEP/isic/manifest.csv --vae $PARTS/taesd --run $R --device $DEV --quiet || exit 4
 log train; $T train --run $R --threads ${TRAIN_THREADS:-12} --quiet $TRAIN_EXTRA || exit 5
-C0="--seeds 0 --pool 5 --loss weighted --no-quality --device $DEV --quiet $EVAL_EXTRA"
-log "evaluate finetune seed 0"; $T evaluate --run $R --arms $ARMS --classifier finetune $C0 && pack finetune-s0
-log "evaluate partial seed 0"; $T evaluate --run $R --arms $ARMS --classifier partial $C0 && pack partial-s0
+log "evaluate finetune seed 0"; $T evaluate --run $R --arms $ARMS --classifier finetune --seeds 0 $C && pack finetune-s0
+log "evaluate partial seed 0"; $T evaluate --run $R --arms $ARMS --classifier partial --seeds 0 $C && pack partial-s0
 if [ $(( $(date +%s) - START )) -lt ${SEED1_BEFORE:-290} ]; then
-  log "evaluate finetune seeds 0,1"; $T evaluate --run $R --arms $ARMS --classifier finetune $COMMON && pack finetune-s01
-  log "evaluate partial seeds 0,1"; $T evaluate --run $R --arms $ARMS --classifier partial $COMMON && pack partial-s01
+  log "evaluate finetune seeds 0,1"; $T evaluate --run $R --arms $ARMS --classifier finetune --seeds $SEEDS $C && pack finetune-s01
+  log "evaluate partial seeds 0,1"; $T evaluate --run $R --arms $ARMS --classifier partial --seeds $SEEDS $C && pack partial-s01
 fi
 log done
